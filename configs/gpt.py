@@ -1,0 +1,51 @@
+"""GPT (decoder-only causal LM) on CPython's documentation, by default.
+
+Launch:
+  tx-jax train --config configs/gpt.py --workdir runs/gpt            # tiny, CPU, minutes
+  tx-jax train --config configs/gpt.py:124m --workdir gs://.../gpt2  # GPT-2 small shape
+  tx-jax benchmark --config configs/gpt.py:bench
+
+Expected: `tiny` reaches eval/bits_per_byte about 2.2 on the held-out topics
+in under 10 minutes on 2 CPU cores (a byte bigram model gets about 3.8).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from tx_jax.models import DECODER_SIZES, make_config
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  size = arg or "tiny"
+  c = ml_collections.ConfigDict()
+  c.objective = "causal_lm"
+  model = make_config(DECODER_SIZES, size)
+  if size == "124m":
+    model = dataclasses.replace(model, dtype="bfloat16", scan_layers=True, remat="dots")
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="embedded:python-docs:train", eval_source="embedded:python-docs:eval",
+      tokenizer="byte" if model.vocab_size <= 256 else "spm-train:32000",
+      seq_len=model.max_len, eval_batches=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1500, batch_size=16, seed=0, log_every=50, eval_every=500,
+      checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
+      nonfinite="skip"))  # "skip": leave the state unchanged; "stop": raise
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
+      accumulate_steps=1, b1=0.9, b2=0.95, eps=1e-8))
+
+  # Mesh sizes (-1 fills the remaining devices) and the logical-axis rules preset.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp_tp"))
+
+  if size == "124m":
+    c.train.update(steps=600_000, batch_size=512, eval_every=2000, checkpoint_every=2000)
+    c.data.update(source="tfds:lm1b:train", eval_source="tfds:lm1b:test", eval_batches=50)
+    c.optim.update(lr=6e-4, warmup_steps=2000)
+  if size == "bench":
+    c.train.update(batch_size=8)
+  return c

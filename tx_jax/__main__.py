@@ -1,0 +1,5 @@
+import sys
+
+from tx_jax.cli import main
+
+sys.exit(main())

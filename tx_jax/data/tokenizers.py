@@ -1,0 +1,310 @@
+"""Tokenizers: raw UTF-8 bytes, or a SentencePiece model with byte fallback.
+
+Both share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
+get ids after the base vocabulary, in the order given, so a tokenizer with no
+specials has exactly the base vocabulary (256 for bytes). Specials are never
+produced by `encode` (text that spells "<mask>" is encoded as ordinary text);
+objectives insert them by id.
+
+A tokenizer is saved into a directory as `tokenizer.json` (+ `tokenizer.model`
+for SentencePiece) and read back with `load_tokenizer`.
+"""
+
+from collections.abc import Iterable, Sequence
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+from tx_jax.errors import UserError
+
+_CONFIG_FILE = "tokenizer.json"
+_SPM_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+  """Common interface; see `ByteTokenizer` and `SentencePieceTokenizer`."""
+
+  vocab_size: int
+  special_ids: dict[str, int]
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text for `ids`; specials decode to "", invalid ids/bytes to U+FFFD."""
+    raise NotImplementedError
+
+  def token_byte_lengths(self) -> np.ndarray:
+    """int32 [vocab_size]: UTF-8 bytes each token stands for (0 for specials).
+
+    Summing it over the target tokens gives the byte count that turns a loss
+    in nats/token into bits per byte, whatever the tokenizer.
+    """
+    raise NotImplementedError
+
+  def fingerprint(self) -> str:
+    """Short stable hash of the vocabulary (checkpoint compatibility checks)."""
+    raise NotImplementedError
+
+  def save(self, directory: str) -> None:
+    raise NotImplementedError
+
+
+def _check_specials(specials: Sequence[str]) -> tuple[str, ...]:
+  specials = tuple(specials)
+  if len(set(specials)) != len(specials):
+    raise UserError(f"duplicate special tokens in {list(specials)}; list each once")
+  return specials
+
+
+def _hash(*parts: bytes) -> str:
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(part)
+    h.update(b"\0")
+  return h.hexdigest()[:16]
+
+
+class ByteTokenizer(Tokenizer):
+  """Ids 0..255 are UTF-8 bytes; specials get ids 256, 257, ... in order."""
+
+  def __init__(self, specials: Sequence[str] = ()):
+    self.specials = _check_specials(specials)
+    self.vocab_size = 256 + len(self.specials)
+    self.special_ids = {s: 256 + i for i, s in enumerate(self.specials)}
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    # Bytes outside 0..255 can't be encoded; U+FFFD's UTF-8 bytes stand in so
+    # that a single decode pass replaces them like any other invalid byte.
+    out = bytearray()
+    for i in ids:
+      i = int(i)
+      if 0 <= i < 256:
+        out.append(i)
+      elif not 256 <= i < self.vocab_size:
+        out += "\ufffd".encode("utf-8")
+    return out.decode("utf-8", errors="replace")
+
+  def token_byte_lengths(self) -> np.ndarray:
+    lengths = np.zeros([self.vocab_size], np.int32)
+    lengths[:256] = 1
+    return lengths
+
+  def fingerprint(self) -> str:
+    return _hash(b"byte", json.dumps(self.specials).encode())
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, _CONFIG_FILE), "w") as f:
+      json.dump({"type": "byte", "specials": list(self.specials)}, f)
+
+  def __repr__(self):
+    return f"ByteTokenizer(specials={self.specials})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model; specials get ids after the model's pieces."""
+
+  def __init__(self, model_path: str, specials: Sequence[str] = ()):
+    if not os.path.isfile(model_path):
+      raise UserError(
+          f"SentencePiece model '{model_path}' not found; train one with "
+          "`tx-jax tokenizer --data SPEC --vocab-size N --out PREFIX`")
+    with open(model_path, "rb") as f:
+      self._init(f.read(), specials, model_path)
+
+  @classmethod
+  def from_serialized(cls, model_proto: bytes, specials: Sequence[str] = ()):
+    tok = cls.__new__(cls)
+    tok._init(model_proto, specials, "<bytes>")  # pylint: disable=protected-access
+    return tok
+
+  def _init(self, model_proto: bytes, specials: Sequence[str], name: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(model_proto)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(
+          f"'{name}' is not a valid SentencePiece model ({e}); retrain it with "
+          "`tx-jax tokenizer`") from None
+    self.specials = _check_specials(specials)
+    self.num_pieces = self._sp.get_piece_size()
+    self.vocab_size = self.num_pieces + len(self.specials)
+    self.special_ids = {
+        s: self.num_pieces + i for i, s in enumerate(self.specials)}
+
+  # SentencePieceProcessor itself can't be pickled (grain worker processes).
+  def __getstate__(self):
+    return {"proto": self._proto, "specials": self.specials}
+
+  def __setstate__(self, state):
+    self._init(state["proto"], state["specials"], "<pickle>")
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text, out_type=int)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    pieces, run = [], []
+    for i in ids:
+      i = int(i)
+      if 0 <= i < self.num_pieces:
+        run.append(i)
+        continue
+      if run:
+        pieces.append(self._sp.decode(run))
+        run = []
+      if not self.num_pieces <= i < self.vocab_size:
+        pieces.append("\ufffd")
+    if run:
+      pieces.append(self._sp.decode(run))
+    return "".join(pieces)
+
+  def token_byte_lengths(self) -> np.ndarray:
+    lengths = np.zeros([self.vocab_size], np.int32)
+    for i in range(self.num_pieces):
+      if self._sp.is_control(i) or self._sp.is_unknown(i):
+        continue  # <s>, </s>, <unk>: no bytes of the text.
+      if self._sp.is_byte(i):
+        lengths[i] = 1  # "<0xAB>" byte-fallback pieces.
+      else:
+        # "\u2581" is SentencePiece's stand-in for a space.
+        lengths[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode())
+    return lengths
+
+  def fingerprint(self) -> str:
+    return _hash(b"spm", self._proto, json.dumps(self.specials).encode())
+
+  def save(self, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, _SPM_FILE), "wb") as f:
+      f.write(self._proto)
+    with open(os.path.join(directory, _CONFIG_FILE), "w") as f:
+      json.dump({"type": "spm", "model": _SPM_FILE,
+                 "specials": list(self.specials)}, f)
+
+  def __repr__(self):
+    return (f"SentencePieceTokenizer(pieces={self.num_pieces}, "
+            f"specials={self.specials})")
+
+
+def _training_sentences(texts: Iterable[str], max_chars: int):
+  """Yields texts cut at line boundaries into pieces of <= max_chars.
+
+  SentencePiece silently drops "sentences" longer than max_sentence_length, and
+  whole documents often are; lines keep their "\n" so newlines get pieces.
+  """
+  for text in texts:
+    buf = ""
+    for line in text.splitlines(keepends=True):
+      while len(line) > max_chars:  # One huge line: hard cut.
+        if buf:
+          yield buf
+          buf = ""
+        yield line[:max_chars]
+        line = line[max_chars:]
+      if len(buf) + len(line) > max_chars and buf:
+        yield buf
+        buf = ""
+      buf += line
+    if buf.strip():
+      yield buf
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_prefix: str,
+    model_type: str = "unigram",
+    specials: Sequence[str] = (),
+) -> SentencePieceTokenizer:
+  """Trains a SentencePiece model in memory; writes PREFIX.model and PREFIX.vocab.
+
+  Lossless by construction: identity normalisation, whitespace kept as is, no
+  dummy prefix, and byte fallback so any text round-trips and
+  `token_byte_lengths` sums to the exact UTF-8 length.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if model_type not in ("unigram", "bpe", "char", "word"):
+    raise UserError(
+        f"unknown SentencePiece model_type '{model_type}'; use unigram, bpe, "
+        "char or word")
+  max_chars = 4096
+  sentences = [s for s in _training_sentences(texts, max_chars) if s]
+  if not sentences:
+    raise UserError(
+        "cannot train a tokenizer on an empty corpus; point --data at a "
+        "source with some text")
+  out_dir = os.path.dirname(os.path.abspath(out_prefix))
+  os.makedirs(out_dir, exist_ok=True)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=out_prefix,
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        max_sentence_length=4 * max_chars,  # Bytes; UTF-8 is <= 4 per char.
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise UserError(_explain_spm_error(str(e), vocab_size)) from None
+  return SentencePieceTokenizer(out_prefix + ".model", specials)
+
+
+def _explain_spm_error(message: str, vocab_size: int) -> str:
+  too_high = re.search(r"Vocabulary size too high.*<= (\d+)", message)
+  if too_high:
+    return (f"vocab size {vocab_size} is too large for this corpus; lower "
+            f"--vocab-size to at most {too_high.group(1)} or use more text")
+  too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+  if too_low:
+    return (f"vocab size {vocab_size} is too small: byte fallback and the "
+            f"corpus' characters need {too_low.group(1)} pieces; raise "
+            f"--vocab-size to at least {too_low.group(1)}")
+  return f"SentencePiece training failed: {message.splitlines()[0]}"
+
+
+def make_tokenizer(spec: str, specials: Sequence[str] = ()) -> Tokenizer:
+  """`"byte"` or `"spm:/path/to/prefix.model"`."""
+  if spec == "byte":
+    return ByteTokenizer(specials)
+  if spec.startswith("spm:"):
+    return SentencePieceTokenizer(os.path.expanduser(spec[4:]), specials)
+  raise UserError(
+      f"unknown tokenizer '{spec}'; use 'byte' or 'spm:/path/to/PREFIX.model'")
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+  """Reads a tokenizer written by `Tokenizer.save(directory)`."""
+  path = os.path.join(directory, _CONFIG_FILE)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+    kind, specials = config["type"], config.get("specials", [])
+  except FileNotFoundError:
+    raise UserError(
+        f"no tokenizer in '{directory}' ({_CONFIG_FILE} missing); is it a "
+        "tx_jax workdir?") from None
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(
+        f"corrupt tokenizer file '{path}' ({e}); delete it and re-run "
+        "training") from None
+  if kind == "byte":
+    return ByteTokenizer(specials)
+  if kind == "spm":
+    return SentencePieceTokenizer(
+        os.path.join(directory, config.get("model", _SPM_FILE)), specials)
+  raise UserError(
+      f"unknown tokenizer type '{kind}' in '{path}'; expected byte or spm")

@@ -1,0 +1,10 @@
+"""Flax Linen models. Imports only jax, flax and numpy."""
+
+from tx_jax.models.layers import (Attention, Block, Mlp, RelativePositionBias, Stack,
+                                  TransformerConfig, attention_mask, rotary)
+from tx_jax.models.transformer import (DECODER_SIZES, DecoderLM, Encoder, count_params,
+                                       make_config, param_shapes)
+
+__all__ = ["Attention", "Block", "Mlp", "RelativePositionBias", "Stack", "TransformerConfig",
+           "attention_mask", "rotary", "DECODER_SIZES", "DecoderLM", "Encoder",
+           "count_params", "make_config", "param_shapes"]

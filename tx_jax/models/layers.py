@@ -1,0 +1,383 @@
+"""Transformer building blocks: attention, MLP, norms, positions.
+
+Every parameter is created with logical axis names that describe its real
+shape (`embed`, `heads`, `kv`, `mlp`, `vocab`, ...); `tx_jax.parallel` maps
+those names to mesh axes. Activations are annotated with `act_*` names.
+Shape letters: B batch, T query length, S key length, D model width,
+N heads, K kv heads, H head dim, F mlp width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+P = nn.with_logical_partitioning
+DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Architecture of a Transformer stack (encoder, decoder or both)."""
+  vocab_size: int = 256
+  num_layers: int = 4            # decoder layers (or encoder layers for Encoder)
+  num_encoder_layers: int = 0    # EncoderDecoder only; 0 = same as num_layers
+  d_model: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 0          # 0 = num_heads; fewer = grouped-query attention
+  head_dim: int = 0              # 0 = d_model // num_heads
+  mlp_dim: int = 1024
+  max_len: int = 256
+  dropout_rate: float = 0.0
+  positions: str = "learned"     # learned | rope | relative | none
+  rope_base: float = 10_000.0
+  relative_buckets: int = 32
+  relative_max_distance: int = 128
+  norm: str = "layernorm"        # layernorm | rmsnorm
+  norm_eps: float = 1e-6
+  pre_norm: bool = True          # False: post-LN (original Transformer / BERT)
+  activation: str = "gelu"       # gelu | relu | silu
+  gated_mlp: bool = False        # GLU-style MLP (e.g. SwiGLU with silu)
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  type_vocab_size: int = 0       # Encoder token-type (segment A/B) embeddings
+  dtype: str = "float32"         # compute dtype: float32 | bfloat16
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"            # none | full | dots (save matmul outputs)
+  attention_impl: str = ""       # "" (let JAX choose) | xla | cudnn
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def validate(self) -> "TransformerConfig":
+    """Raises ValueError naming the first inconsistent field."""
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={self.kv_heads}")
+    if not self.head_dim and self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by "
+                       f"model.num_heads={self.num_heads} (or set model.head_dim)")
+    if self.positions == "rope" and self.dim_per_head % 2:
+      raise ValueError("rotary positions need an even head dimension")
+    choices = dict(positions=("learned", "rope", "relative", "none"),
+                   norm=("layernorm", "rmsnorm"), activation=("gelu", "relu", "silu"),
+                   remat=("none", "full", "dots"), dtype=("float32", "bfloat16"),
+                   param_dtype=("float32", "bfloat16"),
+                   attention_impl=("", "xla", "cudnn"))
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+    return self
+
+
+def constrain(x: Array, names: tuple[str, ...]) -> Array:
+  """Sharding hint for an activation; a no-op outside a mesh with rules."""
+  return nn.with_logical_constraint(x, names)
+
+
+def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  kw = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            scale_init=P(nn.initializers.ones, ("embed",)), name=name)
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(**kw)
+  return nn.LayerNorm(use_bias=True, bias_init=P(nn.initializers.zeros, ("embed",)), **kw)
+
+
+def rotary(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding on x [B, T, N, H] at integer positions [B, T]."""
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)            # (H/2,)
+  angle = positions[..., None].astype(jnp.float32) * freq                   # (B, T, H/2)
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def relative_bucket(relative: Array, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> Array:
+  """T5's bucketing of key-minus-query offsets: exact when near, log-spaced far."""
+  bucket = jnp.zeros_like(relative)
+  n = -relative
+  if bidirectional:
+    num_buckets //= 2
+    bucket += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  far = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+                     / np.log(max_distance / max_exact) * (num_buckets - max_exact))
+  far = jnp.minimum(far.astype(jnp.int32), num_buckets - 1)
+  return bucket + jnp.where(is_small, n, far)
+
+
+class RelativePositionBias(nn.Module):
+  """T5 relative position bias, shared by all layers of a stack: (1, N, T, S)."""
+  cfg: TransformerConfig
+  bidirectional: bool
+
+  @nn.compact
+  def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+    cfg = self.cfg
+    table = self.param("rel_embedding", P(DEFAULT_KERNEL_INIT, ("relpos_buckets", "heads")),
+                       (cfg.relative_buckets, cfg.num_heads), cfg.params_dtype)
+    rel = k_pos[:, None, :] - q_pos[:, :, None]                              # (B, T, S)
+    buckets = relative_bucket(rel, self.bidirectional, cfg.relative_buckets,
+                              cfg.relative_max_distance)
+    bias = jnp.take(table, buckets, axis=0)                                  # (B, T, S, N)
+    return jnp.transpose(bias, (0, 3, 1, 2)).astype(jnp.float32)
+
+
+def attention_mask(q_segments: Array, k_segments: Array, causal: bool) -> Array:
+  """Boolean mask (B, 1, T, S): same segment (0 = padding) and, if causal, k <= q.
+
+  Causality is by index in the row: packed documents are contiguous, so within
+  a segment index order is token order.
+
+  Padding queries (segment 0) attend to padding keys so no row is empty; their
+  outputs are ignored by every loss.
+  """
+  mask = q_segments[:, :, None] == k_segments[:, None, :]
+  if causal:
+    t, s = q_segments.shape[1], k_segments.shape[1]
+    mask &= jnp.arange(s)[None, None, :] <= jnp.arange(t)[None, :, None]
+  return mask[:, None, :, :]
+
+
+class Projection(nn.Module):
+  """x @ kernel by einsum, the kernel created in its true shape with its logical names.
+
+  (A flat 2-D kernel reshaped afterwards would make the axis names lie.)
+  """
+  cfg: TransformerConfig
+  features: tuple[int, ...]
+  names: tuple[str, ...]     # logical names of the kernel's axes, input axes first
+  equation: str
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    n_out = len(self.features)
+    in_shape = x.shape[-(len(self.names) - n_out):]
+    kernel = self.param("kernel", P(DEFAULT_KERNEL_INIT, self.names),
+                        (*in_shape, *self.features), cfg.params_dtype)
+    y = jnp.einsum(self.equation, x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+    if cfg.use_bias:
+      bias = self.param("bias", P(nn.initializers.zeros, self.names[-n_out:]), self.features,
+                        cfg.params_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head (optionally grouped-query) attention with an optional KV cache.
+
+  Self-attention when `kv_input` is None, cross-attention otherwise. In decode
+  mode the keys/values of the new tokens are written into the `cache`
+  collection at `cache_index`, so prefill (many tokens) and one-token steps use
+  the same code; the mask then comes from absolute positions.
+  """
+  cfg: TransformerConfig
+  causal: bool = False
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None, *, kv_input: Array | None = None,
+               positions: Array | None = None, bias: Array | None = None) -> Array:
+    cfg = self.cfg
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    is_cross = kv_input is not None
+    kv_input = x if kv_input is None else kv_input
+    q = Projection(cfg, (n, h), ("embed", "heads", "kv"), "btd,dnh->btnh", name="query")(x)
+    key = Projection(cfg, (k, h), ("embed", "heads", "kv"), "bsd,dkh->bskh", name="key")(kv_input)
+    value = Projection(cfg, (k, h), ("embed", "heads", "kv"), "bsd,dkh->bskh",
+                       name="value")(kv_input)
+    if cfg.positions == "rope" and not is_cross:
+      q = rotary(q, positions, cfg.rope_base)
+      key = rotary(key, positions, cfg.rope_base)
+    q = constrain(q, ("act_batch", "act_len", "act_heads", "act_kv"))
+
+    if self.decode and not is_cross:
+      key, value, mask, bias = self._update_cache(key, value, mask, bias)
+
+    out = jax.nn.dot_product_attention(
+        q, key, value, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+        implementation=cfg.attention_impl or None)                         # (B, T, N, H)
+    out = constrain(out, ("act_batch", "act_len", "act_heads", "act_kv"))
+    return Projection(cfg, (cfg.d_model,), ("heads", "kv", "embed"), "btnh,nhd->btd",
+                      name="out")(out)
+
+  def _update_cache(self, key, value, mask, bias):
+    """Writes new K/V at cache_index; returns the full cache and its mask."""
+    initialized = self.has_variable("cache", "cached_key")
+    ck = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialized:  # init call: the input length is the cache length
+      return key, value, mask, bias
+    t, s = key.shape[1], ck.value.shape[1]
+    start = idx.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, key, (0, start, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, value, (0, start, 0, 0))
+    idx.value = start + t
+    # Query i (absolute start + i) sees cached keys 0..start + i.
+    q_abs = start + jnp.arange(t)
+    cache_mask = (jnp.arange(s)[None, :] <= q_abs[:, None])[None, None]     # (1, 1, T, S)
+    if mask is not None:  # a (B, 1, 1, S) key-padding mask from the caller
+      cache_mask = cache_mask & mask
+    return ck.value, cv.value, cache_mask, bias
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward: D -> F -> D, optionally gated."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    act = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu}[cfg.activation]
+    dense = lambda feats, names, name: Projection(cfg, (feats,), names, "...d,df->...f",
+                                                  name=name)
+    h = act(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x))                  # (B, T, F)
+    if cfg.gated_mlp:
+      h = h * dense(cfg.mlp_dim, ("embed", "mlp"), "wi_gate")(x)
+    h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
+
+
+class Block(nn.Module):
+  """One Transformer layer: self-attention, optional cross-attention, MLP.
+
+  Pre-LN: x + f(norm(x)). Post-LN (original Transformer, BERT): norm(x + f(x)).
+  Signature (carry, _) -> (carry, None) so the same module works under nn.scan.
+  """
+  cfg: TransformerConfig
+  causal: bool = False
+  cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, inputs: dict[str, Any]):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+
+    def sublayer(x, fn, name):
+      if cfg.pre_norm:
+        return x + drop(fn(make_norm(cfg, f"{name}_norm")(x)))
+      return make_norm(cfg, f"{name}_norm")(x + drop(fn(x)))
+
+    x = sublayer(x, lambda y: Attention(cfg, self.causal, self.decode, name="self_attn")(
+        y, inputs["mask"], positions=inputs.get("positions"), bias=inputs.get("bias")), "self_attn")
+    if self.cross:
+      x = sublayer(x, lambda y: Attention(cfg, name="cross_attn")(
+          y, inputs["cross_mask"], kv_input=inputs["encoded"]), "cross_attn")
+    x = sublayer(x, lambda y: Mlp(cfg, name="mlp")(y, self.deterministic), "mlp")
+    return constrain(x, ("act_batch", "act_len", "act_embed")), None
+
+
+class Stack(nn.Module):
+  """`num_layers` Blocks, looped in Python or with nn.scan (+ optional remat).
+
+  Returns the final hidden states (before the final norm) and, when not
+  scanned, each block's output by name ("block_00", ...).
+  """
+  cfg: TransformerConfig
+  num_layers: int
+  causal: bool = False
+  cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, inputs: dict[str, Any]) -> tuple[Array, dict[str, Array]]:
+    cfg = self.cfg
+    block = Block
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if cfg.remat == "dots" else None)
+      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+    kw = dict(cfg=cfg, causal=self.causal, cross=self.cross, decode=self.decode,
+              deterministic=self.deterministic)
+    if cfg.scan_layers:
+      scanned = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=nn.broadcast, length=self.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**kw, name="layers")(x, inputs)
+      return x, {}
+    outs = {}
+    for i in range(self.num_layers):
+      x, _ = block(**kw, name=f"block_{i:02d}")(x, inputs)
+      outs[f"block_{i:02d}"] = x
+    return x, outs
+
+
+class Embedder(nn.Module):
+  """Token (+ learned position, + token type) embeddings, and the tied readout."""
+  cfg: TransformerConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.tokens = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                           param_dtype=cfg.params_dtype,
+                           embedding_init=P(DEFAULT_KERNEL_INIT, ("vocab", "embed")))
+    if cfg.positions == "learned":
+      self.pos = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.params_dtype,
+                          embedding_init=P(DEFAULT_KERNEL_INIT, ("positions", "embed")))
+    if cfg.type_vocab_size:
+      self.types = nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.params_dtype,
+                            embedding_init=P(DEFAULT_KERNEL_INIT, ("types", "embed")))
+
+  def __call__(self, tokens: Array, positions: Array, token_types: Array | None = None):
+    x = self.tokens(tokens)                                                  # (B, T, D)
+    if self.cfg.positions == "learned":
+      x = x + self.pos(positions)
+    if self.cfg.type_vocab_size and token_types is not None:
+      x = x + self.types(token_types)
+    return constrain(x, ("act_batch", "act_len", "act_embed"))
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the token embedding (tied readout): (B, T, V)."""
+    return self.tokens.attend(x)
+
+
+class Readout(nn.Module):
+  """Untied output projection D -> V."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    return Projection(dataclasses.replace(cfg, use_bias=False), (cfg.vocab_size,),
+                      ("embed", "vocab"), "...d,dv->...v", name="unembed")(x)
+
+
+def default_positions(tokens: Array) -> Array:
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+

@@ -1,0 +1,126 @@
+"""Loading `configs/*.py` files, applying `--config.a.b=value` overrides, checking them."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from tx_jax.errors import UserError
+from tx_jax.models import TransformerConfig
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/file.py[:arg]` -> get_config(arg), locked against unknown keys."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path!r} not found; pass e.g. --config configs/gpt.py")
+  module_spec = importlib.util.spec_from_file_location(
+      f"_tx_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: report, don't trace
+    raise UserError(f"config file {path!r} failed to load: {type(e).__name__}: {e}") from None
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {path!r} has no get_config(arg) function")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:
+    raise UserError(f"config {spec!r}: {e}") from None
+  config.lock()
+  return config
+
+
+def _parse_value(text: str, current):
+  """Parses an override string into the type of the value it replaces."""
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected true/false, got {text!r}")
+  if isinstance(current, str) or current is None:
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ValueError(f"expected {type(current).__name__}, got {text!r}") from None
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+    return type(current)(value)
+  if type(value) is not type(current):
+    raise ValueError(f"expected {type(current).__name__}, got {text!r}")
+  return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
+  """Applies ["a.b=value", ...] (the text after `--config.`) in order."""
+  for item in overrides:
+    key, eq, text = item.partition("=")
+    if not eq:
+      raise UserError(f"override --config.{item} needs a value: --config.{key}=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise UserError(f"unknown config key {'.'.join(parents[:i + 1])!r} in --config.{key}; "
+                        f"known: {sorted(node.keys()) if hasattr(node, 'keys') else []}")
+      node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise UserError(f"unknown config key {key!r}; keys here are {known}")
+    try:
+      with node.unlocked():
+        node[leaf] = _parse_value(text, node[leaf])
+    except (ValueError, TypeError) as e:
+      raise UserError(f"--config.{key}: {e}") from None
+  return config
+
+
+def model_config(config) -> TransformerConfig:
+  """The frozen architecture dataclass from `config.model`, checked."""
+  names = {f.name for f in dataclasses.fields(TransformerConfig)}
+  fields = {k: v for k, v in config.model.items() if k in names}
+  try:
+    return TransformerConfig(**fields).validate()
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def check_config(config):
+  """Cross-field checks that would otherwise fail deep inside JAX."""
+  t = config.train
+  for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+              "keep_checkpoints"):
+    if t[key] <= 0:
+      raise UserError(f"train.{key} must be positive, got {t[key]}")
+  if config.optim.accumulate_steps <= 0 or t.batch_size % config.optim.accumulate_steps:
+    raise UserError(f"train.batch_size={t.batch_size} must be a multiple of "
+                    f"optim.accumulate_steps={config.optim.accumulate_steps}")
+  if "seq_len" in config.data and config.data.seq_len > config.model.max_len:
+    raise UserError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
+                    f"{config.model.max_len}; lower data.seq_len or raise model.max_len")
+  if config.optim.lr <= 0:
+    raise UserError(f"optim.lr must be positive, got {config.optim.lr}")
+
+
+def save_json(config, path: str):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json(indent=2))
+  os.replace(tmp, path)
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{workdir!r} holds no config.json: is it a tx-jax train workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,81 @@
+"""Metric logging (metrics.jsonl + TensorBoard, process 0 only) and FLOP accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricWriter:
+  """Appends one JSON object per log to metrics.jsonl and mirrors scalars to TensorBoard.
+
+  Only process 0 writes. On resume, lines at or past the resumed step are
+  dropped first so the log never holds a step twice.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = [l for l in f if l.strip()]
+      kept = []
+      for line in lines:
+        try:
+          if json.loads(line)["step"] <= resume_step:
+            kept.append(line)
+        except (ValueError, KeyError):
+          continue  # a line torn by a kill mid-write
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".tmp", self.path)
+    from tensorboardX import SummaryWriter  # TensorBoard without TensorFlow
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _plain(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def flush(self):
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def measure_peak_flops(dtype: str = "float32", n: int | None = None, repeats: int = 5) -> float:
+  """FLOP/s of a large square matmul in `dtype` on the first device (the MFU denominator)."""
+  device = jax.devices()[0]
+  if n is None:
+    n = 1024 if device.platform == "cpu" else 8192
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))

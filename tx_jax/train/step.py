@@ -1,0 +1,78 @@
+"""Pure train and eval steps; jitted by the loop with shardings and donation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tx_jax.train.state import TrainState
+
+
+def _tree_add(a, b):
+  return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def make_train_step(objective, tx: optax.GradientTransformation, accumulate_steps: int = 1):
+  """Returns train_step(state, batch) -> (state, metrics).
+
+  With accumulate_steps = k the global batch is split into k micro-batches
+  (rows i, i+k, i+2k, ... so each stays spread over the data axes), whose
+  weight-summed gradients are added in a scan: the update equals the one from
+  the whole batch at once, in a k-th of the activation memory. A non-finite
+  loss or gradient leaves the state unchanged and counts a skip.
+  """
+  grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+
+  def micro_step(params, batch, rng):
+    (loss, sums), grads = grad_fn(params, batch, rng, True)
+    return grads, {**sums, "loss_sum": loss * sums["weight"]}
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if accumulate_steps == 1:
+      grads, sums = micro_step(state.params, batch, rng)
+      loss = sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9)
+    else:
+      k = accumulate_steps
+      micro = jax.tree_util.tree_map(
+          lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, xs):
+        mb, i = xs
+        grads, sums = micro_step(state.params, mb, jax.random.fold_in(rng, i))
+        grads = jax.tree_util.tree_map(lambda g: g * sums["weight"], grads)
+        return _tree_add(carry, (grads, sums)), None
+
+      zeros = jax.eval_shape(lambda: micro_step(state.params, jax.tree_util.tree_map(
+          lambda x: x[0], micro), rng))
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
+      denom = jnp.maximum(sums["weight"], 1e-9)
+      grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+      loss = sums["loss_sum"] / denom
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = {"train/loss": loss, "grad_norm": grad_norm,
+               "param_norm": optax.global_norm(state.params),
+               "finite": finite, "weight": sums["weight"]}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(objective):
+  """Returns eval_step(params, batch) -> dict of sums (added up over batches)."""
+  def eval_step(params, batch):
+    _, sums = objective.loss_fn(params, batch, jax.random.key(0), False)
+    return sums
+  return eval_step
