@@ -173,7 +173,7 @@ def test_tsne_subsample_keeps_clusters():
   assert coords.shape == (400, 2) and np.isfinite(coords).all()
   pred, _ = cluster.kmeans(coords, 3, seed=0)
   assert skm.adjusted_rand_score(y, pred) > 0.99
-  np.testing.assert_array_equal(coords, reduce.tsne(x, seed=0, max_fit=250))
+  np.testing.assert_array_equal(coords, reduce.tsne(x, seed=0, max_fit=200))
 
 
 # Reports.
@@ -207,7 +207,14 @@ def test_top_terms_ctfidf():
     assert len(terms) == 5
     assert set(terms) <= set(TOPICS[c].split()), (c, terms)  # Not "post", "today", "2024".
   assert got == _naive_ctfidf(texts.tolist(), y.tolist(), 5)
-  # Unequal sizes: normalising by class size keeps the small cluster's words on top.
+  # Overlapping vocabularies and unequal sizes, where the exact weighting decides the order.
+  rng = np.random.default_rng(0)
+  vocab = [f"word{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(80)]
+  y3 = rng.integers(0, 5, 300) ** 2  # Cluster ids 0, 1, 4, 9, 16 of unequal sizes.
+  probs = {c: rng.dirichlet(np.full(80, 0.3)) for c in np.unique(y3)}
+  texts3 = [" ".join(rng.choice(vocab, size=rng.integers(3, 30), p=probs[c])) for c in y3]
+  assert report.top_terms(texts3, y3, n=10) == _naive_ctfidf(texts3, y3.tolist(), 10)
+  # A 10-post cluster beside a 150-post one still gets its own words, not shared ones.
   y2 = np.array([0] * 150 + [1] * 10)
   got2 = report.top_terms(_texts(y2), y2, n=3)
   assert set(got2[1]) <= set(TOPICS[1].split())
@@ -237,8 +244,8 @@ def test_tfidf_kmeans_baseline():
 def labelled_report(tmp_path_factory):
   d = tmp_path_factory.mktemp("analyze")
   x, y = _blobs(400, d=32, k=4)
-  texts = _texts(y)
-  texts[0] = "<script>alert('x')</script> " + "long " * 200  # Escaped and truncated in HTML.
+  # Markup must be escaped and long posts truncated in HTML; numbers are no terms.
+  texts = np.asarray([f"<script>alert('x')</script> {t}" + " 0123456789" * 40 for t in _texts(y)])
   path = _write_npz(d / "emb.npz", x, np.asarray([f"topic{v}" for v in y]), texts)
   out = d / "out"
   rep = report.analyze(path, str(out), method="kmeans", k=None, k_max=8, reduce="tsne", seed=0)
@@ -292,8 +299,8 @@ def test_report_html_is_self_contained(labelled_report):
   page = (out / "report.html").read_text()
   assert 'src="data:image/png;base64,' in page
   assert not re.search(r"(src|href)=[\"']?(https?:)?//", page)  # No external requests.
-  assert "<script>alert" not in page and "&lt;script&gt;" in page
-  assert "long " * 80 not in page  # Posts are truncated (~300 chars).
+  assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+  assert " 0123456789" * 30 not in page and " 0123456789" * 10 + "\u2026" in page  # ~300 chars.
   assert page.count("<tr class=cluster") == len(rep["clusters"])
 
 
@@ -325,7 +332,8 @@ def test_report_html_renders_in_chromium(labelled_report, tmp_path):
   import matplotlib.image
   img = matplotlib.image.imread(shot)
   assert img.shape[:2] == (2000, 1280)
-  assert (img[..., :3].std(axis=-1) > 0.1).mean() > 0.01  # Coloured map points, not a blank page.
+  # Only the map has coloured (non-grey) pixels; a page without it has none.
+  assert (img[..., :3].std(axis=-1) > 0.1).mean() > 0.002
 
 
 def test_analyze_dbscan_spectral_agglomerative(tmp_path):
@@ -335,7 +343,9 @@ def test_analyze_dbscan_spectral_agglomerative(tmp_path):
     rep = report.analyze(path, str(tmp_path / method), method=method, k=3, reduce="pca")
     assert rep["metrics"]["ari"] > 0.99
   rep = report.analyze(path, str(tmp_path / "db"), method="dbscan", reduce="pca")
-  assert rep["k"] == 3 and rep["metrics"]["ari"] > 0.95
+  assert rep["k"] == 3 and rep["metrics"]["noise_fraction"] < 0.1
+  pred = np.asarray(_cluster_column(tmp_path / "db"))
+  assert skm.adjusted_rand_score(y[pred >= 0], pred[pred >= 0]) > 0.99
   assert sum(c["size"] for c in rep["clusters"]) == 300  # Noise, if any, is listed (id -1).
   json.dumps(rep, allow_nan=False)
 
@@ -384,7 +394,7 @@ def _bad_inputs(tmp_path):
 def test_bad_input_raises_user_error(case, tmp_path):
   path, kwargs, message = _bad_inputs(tmp_path)[case]
   with pytest.raises(UserError, match=message) as e:
-    report.analyze(str(path), str(tmp_path / "out"), reduce="pca", **kwargs)
+    report.analyze(str(path), str(tmp_path / "out"), **{"reduce": "pca", **kwargs})
   assert "\n" not in str(e.value) and ";" in str(e.value)  # One line: problem; fix.
   assert not (tmp_path / "out").exists()  # Nothing written on bad input.
 

@@ -95,7 +95,7 @@ def logical_shardings(abstract_tree, mesh, rules):
   """NamedShardings for a boxed (nn.Partitioned) abstract pytree, e.g. from eval_shape."""
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = nn.unbox(abstract_tree)
+  shapes = strip_boxes(abstract_tree)
   return jax.tree_util.tree_map(
       lambda s, x: NamedSharding(mesh, _fit(x.shape, s, mesh)), mesh_specs, shapes,
       is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -129,3 +129,9 @@ def bytes_per_device(tree) -> dict[int, int]:
     for shard in leaf.addressable_shards:
       out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
   return out
+
+
+def strip_boxes(tree):
+  """Removes nn.Partitioned boxes without applying sharding constraints."""
+  return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                                is_leaf=lambda x: isinstance(x, nn.Partitioned))

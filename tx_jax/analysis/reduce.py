@@ -45,7 +45,8 @@ def pca(x, n_components=2, seed=0):
   return out
 
 
-def tsne(x, seed=0, perplexity=30.0, max_fit=5000, pca_dims=50, max_iter=750):
+def tsne(x, seed=0, perplexity=30.0, max_fit=5000, pca_dims=50, max_iter=750,
+         n_threads=1):
   """2-D t-SNE map of x [N, D] -> [N, 2] float32, reproducible for a fixed seed.
 
   D > pca_dims is first reduced with PCA (denoises and speeds up the neighbour
@@ -56,6 +57,7 @@ def tsne(x, seed=0, perplexity=30.0, max_fit=5000, pca_dims=50, max_iter=750):
   """
   from sklearn.manifold import TSNE
   from sklearn.neighbors import NearestNeighbors
+  from threadpoolctl import threadpool_limits
   x = np.asarray(x, dtype=np.float32)
   n, d = x.shape
   if n < 5:  # t-SNE needs a few neighbours per point; a tiny set is just a PCA.
@@ -68,9 +70,14 @@ def tsne(x, seed=0, perplexity=30.0, max_fit=5000, pca_dims=50, max_iter=750):
   fit_x = x[fit_idx]
   # sklearn requires perplexity < n_samples; ~3 * perplexity neighbours are used.
   perplexity = float(min(perplexity, max(1.0, (len(fit_x) - 1) / 3)))
-  fit_y = TSNE(
-      2, perplexity=perplexity, init="pca", learning_rate="auto",
-      max_iter=max_iter, random_state=seed).fit_transform(fit_x).astype(np.float32)
+  # Barnes-Hut t-SNE opens several short OpenMP regions per iteration; on a
+  # shared machine one descheduled thread stalls each barrier (2k points on a
+  # loaded 2-core box: 34 s with 2 threads, 12 s with 1). n_threads=None lets
+  # OpenMP pick, which pays off on a many-core machine with nothing else running.
+  with threadpool_limits(n_threads, user_api="openmp"):
+    fit_y = TSNE(
+        2, perplexity=perplexity, init="pca", learning_rate="auto",
+        max_iter=max_iter, random_state=seed).fit_transform(fit_x).astype(np.float32)
   if len(fit_idx) == n:
     return fit_y
   out = np.empty((n, 2), np.float32)

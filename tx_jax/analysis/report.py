@@ -158,12 +158,12 @@ def _load(npz_path):
 
 
 def _palette(n):
-  """n distinct RGBA colours: tab10/tab20 when they suffice, else evenly spaced turbo."""
+  """n distinct RGBA colours: tab10, then tab20's lighter shades, else spaced turbo."""
   import matplotlib
   if n <= 10:
     return matplotlib.colormaps["tab10"](np.arange(n))
-  if n <= 20:
-    return matplotlib.colormaps["tab20"](np.arange(n))
+  if n <= 20:  # tab20 pairs a dark and a light shade; dark ones first, for ids 0-9.
+    return matplotlib.colormaps["tab20"](np.r_[0:20:2, 1:20:2][:n])
   return matplotlib.colormaps["turbo"](np.linspace(0.05, 0.95, n))
 
 
@@ -182,15 +182,17 @@ def save_map(path, coords, clusters, labels=None, title="2-D map"):
   panels = [("cluster", np.asarray(clusters))]
   if labels is not None:
     panels.append(("label", np.asarray(labels)))
-  size = float(np.clip(30000 / len(coords), 0.5, 30))  # Keeps 50k points readable.
-  fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 8), dpi=100, squeeze=False)
+  size = float(np.clip(60000 / len(coords), 1.0, 30))  # Keeps 50k points readable.
+  # Constrained layout makes room for legends outside the axes at a fixed pixel size.
+  fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 8), dpi=100,
+                           squeeze=False, layout="constrained")
   try:
     for ax, (name, values) in zip(axes[0], panels):
       groups, inv = np.unique(values, return_inverse=True)
       colors = _palette(len(groups))
       if name == "cluster" and groups[0] == cluster_lib.NOISE:
         colors[0] = (0.7, 0.7, 0.7, 1.0)
-      ax.scatter(coords[:, 0], coords[:, 1], c=colors[inv], s=size, alpha=0.6,
+      ax.scatter(coords[:, 0], coords[:, 1], c=colors[inv], s=size, alpha=0.7,
                  linewidths=0, rasterized=True)
       ax.set_title(f"{title}, coloured by {name} ({len(groups)})")
       ax.set_xticks([])
@@ -206,23 +208,26 @@ def save_map(path, coords, clusters, labels=None, title="2-D map"):
                           label=("noise" if name == "cluster" and g == cluster_lib.NOISE
                                  else _as_str(_py(g))[:30]))
                    for i, g in enumerate(groups)]
-        # A fixed corner: loc="best" scans every point and is slow at 50k.
-        ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
-    fig.tight_layout()
+        # Outside the axes so it hides no points (loc="best" is also slow at 50k).
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                  frameon=False)
     fig.savefig(path, dpi=100)  # No bbox_inches="tight": it would change the pixel size.
   finally:
     plt.close(fig)
 
 
 _CSS = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1700px; color: #222; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em;
+       max-width: 1700px; color: #222; }
 h1 { font-size: 1.6em; } .meta { color: #666; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { white-space: nowrap; } td.posts { overflow-wrap: anywhere; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.clusters td ol { margin: 0; padding-left: 1.3em; } table.clusters li { margin-bottom: 0.3em; }
 img.map { max-width: 100%; height: auto; border: 1px solid #ddd; }
-.terms { font-family: ui-monospace, monospace; font-size: 0.92em; }
+.terms { font-family: ui-monospace, monospace; font-size: 0.92em; min-width: 14em; }
 """
 
 
@@ -245,7 +250,7 @@ def write_html(path, report, png_bytes, source=""):
     clusters.append(
         f"<tr class=cluster data-cluster=\"{esc(str(c['id']))}\"><td class=num>{esc(name)}</td>"
         f"<td class=num>{c['size']}</td><td class=terms>{esc(', '.join(c['top_terms']))}</td>"
-        f"<td><ol>{examples}</ol></td></tr>")
+        f"<td class=posts><ol>{examples}</ol></td></tr>")
   png = base64.b64encode(png_bytes).decode("ascii")
   title = f"Clusters of {os.path.basename(source)}" if source else "Cluster report"
   doc = f"""<!doctype html>

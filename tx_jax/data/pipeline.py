@@ -165,7 +165,6 @@ def lm_train_iterator(
     num_epochs: int | None = None,
     num_packing_bins: int | None = None,
     num_threads: int = 0,
-    num_workers: int = 0,
 ) -> LMIterator:
   """Shuffled, packed causal-LM batches [batch_size, seq_len], forever.
 
@@ -173,8 +172,8 @@ def lm_train_iterator(
   Each epoch is reshuffled (deterministically from seed). num_epochs=None
   repeats forever; an int stops after that many epochs (last batch padded).
   num_packing_bins (default batch_size) rows are filled at once: more bins,
-  less padding. num_workers > 0 tokenizes/packs in grain worker processes
-  (batches then depend on num_workers).
+  less padding. num_threads > 0 reads/tokenizes documents in that many grain
+  threads (same batches, only faster when reading is I/O bound).
   """
   _check_sizes(source, seq_len, batch_size)
   if not 0 <= shard_index < shard_count:
@@ -195,20 +194,12 @@ def lm_train_iterator(
       ds, tokenizer, seq_len, batch_size, seed=seed, shuffle_bins=True,
       num_packing_bins=num_packing_bins or batch_size, num_threads=num_threads,
       max_empty_run=docs_per_epoch if num_epochs is None else None)
-  if num_workers > 0:
-    # grain's worker processes read absl flags; outside absl.app they are
-    # unparsed, which grain treats as an error.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   config = {
       "source": source.name, "num_docs": len(source),
       "tokenizer": tokenizer.fingerprint(), "seq_len": int(seq_len),
       "batch_size": int(batch_size), "seed": int(seed),
       "shard_index": int(shard_index), "shard_count": int(shard_count),
       "num_packing_bins": int(num_packing_bins or batch_size),
-      "num_workers": int(num_workers),
   }
   return LMIterator(iter(ds), config)
 
@@ -220,16 +211,20 @@ def lm_eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int,
   Same packing and keys as training; every target token appears exactly once
   with weight 1; the last batch is padded with all-zero rows.
   """
-  _check_sizes(source, seq_len, batch_size)
+  _check_sizes(source, seq_len, batch_size)  # Now, not at the first next().
   ds = _packed_batches(
       grain.MapDataset.source(source), tokenizer, seq_len, batch_size, seed=0,
       shuffle_bins=False, num_packing_bins=batch_size, num_threads=0,
       max_empty_run=None)
-  count = 0
-  for batch in ds:
-    count += 1
-    yield batch
-  if not count:
-    raise UserError(
-        f"eval data {source.name} has no document with 2 or more tokens; "
-        "there is nothing to evaluate")
+
+  def batches():
+    count = 0
+    for batch in ds:
+      count += 1
+      yield batch
+    if not count:
+      raise UserError(
+          f"eval data {source.name} has no document with 2 or more tokens; "
+          "there is nothing to evaluate")
+
+  return batches()

@@ -156,8 +156,8 @@ def _read_utf8(path: str) -> str:
     line = data[:e.start].count(b"\n") + 1
     raise UserError(
         f"data file '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
-        f"{e.start}, line {line}); re-encode it, e.g. `iconv -f latin1 -t "
-        "utf-8`") from None
+        f"{e.start}, line {line}); re-encode it as UTF-8, e.g. `iconv -f "
+        "latin1 -t utf-8`") from None
 
 
 def _read_txt(path: str, text: str):
@@ -319,12 +319,13 @@ class TfdsSource(TextSource):
 
 
 def _feature_kinds(features) -> dict[str, str]:
-  """{feature name: 'text' | 'class' | 'other'} from a tfds FeaturesDict."""
+  """{feature name: 'text' | 'class' | 'media' | 'other'} of a FeaturesDict."""
   kinds = {}
   for key, feature in features.items():
     cls = type(feature).__name__
     kinds[key] = ("text" if cls == "Text" else
-                  "class" if cls == "ClassLabel" else "other")
+                  "class" if cls == "ClassLabel" else
+                  "media" if cls in ("Image", "Video", "Audio") else "other")
   return kinds
 
 
@@ -335,9 +336,10 @@ def tfds_fields(name: str, features) -> tuple[str, str | None]:
   if base in TFDS_FIELDS and TFDS_FIELDS[base][0] in kinds:
     text_key, label_key = TFDS_FIELDS[base]
     return text_key, label_key if label_key in kinds else None
-  texts = [k for k, kind in kinds.items() if kind == "text"]
+  texts = [k for k, kind in kinds.items() if kind == "text" and k != "id"]
   named = [k for k in _TEXT_FIELD_NAMES if k in texts]
-  if not (named or texts):
+  # Image sets carry string ids/filenames; those are not documents.
+  if not named and ("media" in kinds.values() or not texts):
     raise UserError(
         f"TFDS dataset '{name}' has no text feature (features: "
         f"{', '.join(kinds)}); it is not a text dataset (images go through an "

@@ -75,7 +75,7 @@ def train(config, workdir: str) -> dict:
                       out_shardings=state_shardings)()
       start = 0
     else:
-      abstract = ckpt_lib.abstract_with_shardings(nn.unbox(boxed), state_shardings)
+      abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), state_shardings)
       state, data_state, _ = checkpointer.restore(start, abstract)
       train_iter.set_state(data_state)
     print_main(f"{'resuming from' if start else 'starting at'} step {start}; "

@@ -143,7 +143,7 @@ def state_shapes(objective, tx, init_len: int, seed: int):
 
 def _box_like(opt_state, boxed_params):
   """Re-attaches the params' logical names to every params-shaped subtree of opt_state."""
-  params_def = jax.tree_util.tree_structure(nn.unbox(boxed_params))
+  params_def = jax.tree_util.tree_structure(parallel.strip_boxes(boxed_params))
   boxes = jax.tree_util.tree_leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
   def visit(node):
@@ -189,7 +189,7 @@ def load_trained(workdir: str, mesh=None) -> Trained:
   tx = optim.make_optimizer(config.optim, config.train.steps)
   boxed = state_shapes(objective, tx, config.data.get("seq_len", 1), config.train.seed)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
-  state, _, _ = checkpointer.restore(step, ckpt_lib.abstract_with_shardings(nn.unbox(boxed),
-                                                                           shardings))
+  abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), shardings)
+  state, _, _ = checkpointer.restore(step, abstract)
   checkpointer.close()
   return Trained(config, tok, objective, state.params, step)
