@@ -122,6 +122,9 @@ def cmd_generate(args, _):
   if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
     raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
   trained = setup.load_trained(args.workdir)
+  if trained.tokenizer is None:
+    raise UserError(f"{args.workdir!r} holds a {trained.config.objective!r} model, which does "
+                    "not generate text; use a causal LM workdir (configs/gpt.py)")
   for text in generate_text(trained, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, num_samples=args.num_samples):

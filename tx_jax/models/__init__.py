@@ -4,7 +4,9 @@ from tx_jax.models.layers import (Attention, Block, Mlp, RelativePositionBias, S
                                   TransformerConfig, attention_mask, rotary)
 from tx_jax.models.transformer import (DECODER_SIZES, DecoderLM, Encoder, count_params,
                                        make_config, param_shapes)
+from tx_jax.models.vit import MAE, VIT_SIZES, ViT, ViTConfig, make_vit_config, vit_configs
 
 __all__ = ["Attention", "Block", "Mlp", "RelativePositionBias", "Stack", "TransformerConfig",
            "attention_mask", "rotary", "DECODER_SIZES", "DecoderLM", "Encoder",
-           "count_params", "make_config", "param_shapes"]
+           "count_params", "make_config", "param_shapes",
+           "MAE", "VIT_SIZES", "ViT", "ViTConfig", "make_vit_config", "vit_configs"]

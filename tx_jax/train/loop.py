@@ -69,6 +69,8 @@ def train(config, workdir: str) -> dict:
                                        keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   train_iter = exp.train_iterator()
   start = checkpointer.latest_step()
+  # Measured on one local device, outside the mesh context (a plain single-device jit).
+  peak = metrics_lib.measure_peak_flops(config.model.dtype) * jax.device_count()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if start is None:
       state = jax.jit(lambda: init_state(exp.objective, tx, exp.init_len, t.seed),
@@ -90,7 +92,6 @@ def train(config, workdir: str) -> dict:
     eval_step = jax.jit(step_lib.make_eval_step(exp.objective),
                         in_shardings=(state_shardings.params, batch_sharding))
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=_is_main())
-    peak = metrics_lib.measure_peak_flops(config.model.dtype) * jax.device_count()
     flops_per_unit = None
 
     # --- Loop ------------------------------------------------------------------
@@ -129,6 +130,8 @@ def train(config, workdir: str) -> dict:
       if done % t.eval_every == 0 or done == total_steps:
         last_eval = evaluate(eval_step, state.params, exp.eval_batches(), batch_sharding,
                              exp.objective.summarize)
+        if exp.extra_eval is not None:
+          last_eval.update(exp.extra_eval(state.params, done, workdir))
         writer.write(done, {f"eval/{k}": v for k, v in last_eval.items()})
         if _is_main():
           progress.write(f"step {done}: " + " ".join(f"eval/{k}={v:.4f}" for k, v in

@@ -36,10 +36,13 @@ class Experiment:
   train_iterator: Callable[[], object]  # per-host iterator with get_state/set_state
   eval_batches: Callable[[], Iterator[dict]]
   lr: Callable[[int], float]
+  # Optional evaluation beyond the loss (probes, images): (params, step, workdir)
+  # -> metrics, logged as eval/<name> at every eval.
+  extra_eval: Callable[[object, int, str], dict] | None = None
 
   def meta(self) -> dict:
     return {"objective": self.config.objective, "model": self.config.model.to_dict(),
-            "tokenizer": self.tokenizer.fingerprint()}
+            "tokenizer": self.tokenizer.fingerprint() if self.tokenizer else None}
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -121,7 +124,28 @@ def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
   return table
 
 
-_KNOWN: dict[str, Callable] = {"causal_lm": _lm_experiment}
+def _mae_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
+  from tx_jax.train import experiments_images  # imports this module
+  return experiments_images.mae_experiment(config, workdir, create_tokenizer)
+
+
+_KNOWN: dict[str, Callable] = {"causal_lm": _lm_experiment, "mae": _mae_experiment}
+
+
+def make_objective(config, tok):
+  """The run's objective: text objectives from the model config and tokenizer,
+  others (images) through their `from_config(config)`."""
+  cls = get_objective(config.objective)
+  if hasattr(cls, "from_config"):
+    try:
+      return cls.from_config(config)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  return cls(config_lib.model_config(config), _padded_bytes(tok, config.model.vocab_size))
+
+
+def uses_tokenizer(config) -> bool:
+  return get_objective(config.objective).data_kind != "images"
 
 
 def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> TrainState:
@@ -176,9 +200,8 @@ def load_trained(workdir: str, mesh=None) -> Trained:
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir!r} does not exist; train first with tx-jax train")
   config = config_lib.load_workdir_config(workdir)
-  tok = get_tokenizer(config, workdir, create=False)
-  objective = get_objective(config.objective)(config_lib.model_config(config),
-                                              _padded_bytes(tok, config.model.vocab_size))
+  tok = get_tokenizer(config, workdir, create=False) if uses_tokenizer(config) else None
+  objective = make_objective(config, tok)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   step = checkpointer.latest_step()
   if step is None:
