@@ -27,16 +27,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       source="embedded:python-docs:train", eval_source="embedded:python-docs:eval",
-      tokenizer="byte" if model.vocab_size <= 256 else "spm-train:32000",
+      # A SentencePiece trained on the train split (lossless: bits per byte stay exact).
+      tokenizer="byte" if model.vocab_size <= 256 else f"spm-train:{model.vocab_size}",
       seq_len=model.max_len, eval_batches=0))
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=1500, batch_size=16, seed=0, log_every=50, eval_every=500,
-      checkpoint_every=500, keep_checkpoints=3, async_checkpoints=True,
+      steps=1000, batch_size=16, seed=0, log_every=25, eval_every=250,
+      checkpoint_every=250, keep_checkpoints=3, async_checkpoints=True,
       nonfinite="skip"))  # "skip": leave the state unchanged; "stop": raise
 
   c.optim = ml_collections.ConfigDict(dict(
-      lr=2e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
+      lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
       accumulate_steps=1, b1=0.9, b2=0.95, eps=1e-8))
 
   # Mesh sizes (-1 fills the remaining devices) and the logical-axis rules preset.
@@ -48,4 +49,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.update(lr=6e-4, warmup_steps=2000)
   if size == "bench":
     c.train.update(batch_size=8)
+    c.optim.update(warmup_steps=100)
   return c

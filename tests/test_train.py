@@ -24,6 +24,7 @@ from tx_jax.train.setup import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=32",
+              "--config.data.tokenizer=byte", "--config.model.vocab_size=256",
               "--config.model.num_heads=2", "--config.model.mlp_dim=64",
               "--config.model.max_len=32", "--config.data.seq_len=32",
               "--config.train.batch_size=4", "--config.train.log_every=2",
@@ -168,3 +169,22 @@ def test_train_eval_generate_end_to_end(tmp_path):
   gen = run_cli(["generate", "--workdir", wd, "--prompt", "The list", "--max-new-tokens", "10"])
   assert gen.returncode == 0, gen.stderr[-2000:]
   assert gen.stdout.startswith("The list")
+
+
+@pytest.mark.slow
+def test_benchmark_and_tokenizer_commands(tmp_path):
+  bench = run_cli(["benchmark", "--config", "configs/gpt.py", *TINY_FLAGS, "--steps", "2"])
+  assert bench.returncode == 0, bench.stderr[-2000:]
+  record = json.loads(bench.stdout.strip().splitlines()[-1])
+  # FLOPs per token = 6N + 12 L d T for the 1-layer, d=32 model with a byte vocabulary.
+  n = record["params"]
+  assert record["flops_per_token"] == 6 * n + 12 * 1 * 32 * 32
+  assert record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1 and record["compile_s"] > 0
+  docs = tmp_path / "docs.txt"
+  docs.write_text("\n".join(f"post number {i} about topic {i % 7} and more words" for i in
+                            range(300)))
+  tok = run_cli(["tokenizer", "--data", f"file:{docs}", "--vocab-size", "300",
+                 "--out", str(tmp_path / "spm")])
+  assert tok.returncode == 0, tok.stderr[-2000:]
+  assert (tmp_path / "spm.model").exists()
+  assert json.loads(tok.stdout.strip().splitlines()[-1])["vocab_size"] == 300

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("generate", help="sample text from a trained decoder")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=int, default=None,
+                 help="default: fill the model's context")
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--top-p", type=float, default=0.95)
@@ -117,7 +118,7 @@ def cmd_generate(args, _):
   from tx_jax.errors import UserError
   from tx_jax.generate import generate_text
   from tx_jax.train import setup
-  if args.max_new_tokens <= 0 or args.num_samples <= 0:
+  if (args.max_new_tokens is not None and args.max_new_tokens <= 0) or args.num_samples <= 0:
     raise UserError("--max-new-tokens and --num-samples must be positive")
   if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
     raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")

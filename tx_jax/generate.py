@@ -73,7 +73,8 @@ def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature: floa
   return out
 
 
-def generate_text(trained, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+def generate_text(trained, prompt: str, *, max_new_tokens: int | None = None,
+                  temperature: float = 0.8,
                   top_k: int = 0, top_p: float = 0.95, seed: int = 0, num_samples: int = 1):
   """Samples continuations of `prompt` from a loaded workdir (setup.load_trained)."""
   from tx_jax.errors import UserError
@@ -81,6 +82,11 @@ def generate_text(trained, prompt: str, *, max_new_tokens: int = 200, temperatur
   ids = tok.encode(prompt)
   if not ids:
     raise UserError("the prompt is empty; pass --prompt 'some text'")
+  if max_new_tokens is None:  # fill the context
+    max_new_tokens = cfg.max_len - len(ids)
+  if max_new_tokens <= 0:
+    raise UserError(f"the prompt ({len(ids)} tokens) fills the model context of {cfg.max_len} "
+                    "tokens; shorten it")
   if len(ids) + max_new_tokens > cfg.max_len:
     raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
                     f"model context of {cfg.max_len} tokens; shorten the prompt or ask for fewer "
