@@ -29,12 +29,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       source="embedded:python-docs:train", eval_source="embedded:python-docs:eval",
       # A SentencePiece trained on the train split (lossless: bits per byte stay exact).
       tokenizer="byte" if model.vocab_size <= 256 else f"spm-train:{model.vocab_size}",
-      seq_len=model.max_len, eval_batches=0))
+      seq_len=model.max_len, eval_batches=0,
+      # Documents longer than max_doc_len characters are cut into pieces ("chunk")
+      # or cut off ("truncate"); invalid UTF-8 in data files is an "error", or
+      # each affected document is "replace"d (U+FFFD) or "skip"ped. Counts go to
+      # <workdir>/data_stats.json.
+      max_doc_len=1_000_000, over_length="chunk", invalid_utf8="error"))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, seed=0, log_every=25, eval_every=250,
       checkpoint_every=250, keep_checkpoints=3, async_checkpoints=True,
-      nonfinite="skip"))  # "skip": leave the state unchanged; "stop": raise
+      # Non-finite loss/gradients: "skip" leaves the state unchanged and stops the
+      # run after max_consecutive_skips in a row; "stop" stops at the first one.
+      nonfinite="skip", max_consecutive_skips=10))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=2e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,

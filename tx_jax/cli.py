@@ -122,6 +122,10 @@ def cmd_generate(args, _):
     raise UserError("--max-new-tokens and --num-samples must be positive")
   if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
     raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+  try:
+    args.prompt.encode("utf-8")
+  except UnicodeEncodeError:
+    raise UserError("--prompt is not valid UTF-8; pass UTF-8 text") from None
   trained = setup.load_trained(args.workdir)
   for text in generate_text(trained, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -159,7 +163,8 @@ def main(argv=None) -> int:
   try:
     COMMANDS[args.command](args, overrides)
   except UserError as e:
-    sys.stderr.write(f"tx-jax: error: {e}\n")
+    message = " ".join(str(e).split("\n"))  # always one line
+    sys.stderr.write(f"tx-jax: error: {message}\n")
     return 2
   except KeyboardInterrupt:
     sys.stderr.write("tx-jax: interrupted\n")

@@ -17,6 +17,7 @@ import numpy as np
 
 from tx_jax import parallel
 from tx_jax.data import pipeline, sources, tokenizers
+from tx_jax.data.doc_policy import DocPolicy
 from tx_jax.errors import UserError
 from tx_jax.objectives import get_objective
 from tx_jax.train import checkpoint as ckpt_lib
@@ -36,6 +37,7 @@ class Experiment:
   train_iterator: Callable[[], object]  # per-host iterator with get_state/set_state
   eval_batches: Callable[[], Iterator[dict]]
   lr: Callable[[int], float]
+  data_stats: dict = dataclasses.field(default_factory=dict)  # what the DocPolicy did
 
   def meta(self) -> dict:
     return {"objective": self.config.objective, "model": self.config.model.to_dict(),
@@ -84,8 +86,11 @@ def build_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment
 
 def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   d, t = config.data, config.train
-  train_source = sources.open_source(d.source)
-  eval_source = sources.open_source(d.eval_source) if d.eval_source else None
+  policy = DocPolicy.from_config(d)
+  train_source = sources.open_source(d.source, policy)
+  eval_source = sources.open_source(d.eval_source, policy) if d.eval_source else None
+  data_stats = {"train": train_source.stats,
+                **({"eval": eval_source.stats} if eval_source else {})}
   if eval_source is None:
     train_source, eval_source = sources.holdout_split(train_source, 0.05, t.seed)
   tok = get_tokenizer(config, workdir, create_tokenizer, train_source)
@@ -111,7 +116,7 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
 
   tx_lr = optim.lr_schedule(config.optim, t.steps)
   return Experiment(config, tok, objective, d.seq_len, t.batch_size * d.seq_len,
-                    train_iterator, eval_batches, lambda s: float(tx_lr(s)))
+                    train_iterator, eval_batches, lambda s: float(tx_lr(s)), data_stats)
 
 
 def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
@@ -133,7 +138,8 @@ def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> 
   if boxed:  # optimizer moments mirror the params' boxes so they shard like them
     params, opt_state = boxed_params, _box_like(opt_state, boxed_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32))
+                    rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32),
+                    skip_run=jnp.zeros((), jnp.int32))
 
 
 def state_shapes(objective, tx, init_len: int, seed: int):
@@ -172,24 +178,32 @@ class Trained:
 
 
 def load_trained(workdir: str, mesh=None) -> Trained:
-  """Config, tokenizer, objective and newest params of a workdir, for inference."""
+  """Config, tokenizer, objective and newest intact params of a workdir, for inference.
+
+  Read-only: a corrupt newest checkpoint is reported and the one before it used.
+  """
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir!r} does not exist; train first with tx-jax train")
   config = config_lib.load_workdir_config(workdir)
   tok = get_tokenizer(config, workdir, create=False)
   objective = get_objective(config.objective)(config_lib.model_config(config),
                                               _padded_bytes(tok, config.model.vocab_size))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
     raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
-  mesh = mesh or parallel.make_mesh(
-      type("M", (), {"data": 1, "fsdp": 1, "tensor": 1})(), devices=jax.devices()[:1])
-  rules = parallel.resolve_rules(config.mesh.rules)
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  boxed = state_shapes(objective, tx, config.data.get("seq_len", 1), config.train.seed)
-  shardings = parallel.logical_shardings(boxed, mesh, rules)
-  abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), shardings)
-  state, _, _ = checkpointer.restore(step, abstract)
-  checkpointer.close()
+  with ckpt_lib.Checkpointer(directory, async_save=False, read_only=True) as checkpointer:
+    step, _ = checkpointer.newest_good_step()
+    if step is None:
+      raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
+    mesh = mesh or parallel.make_mesh(
+        type("M", (), {"data": 1, "fsdp": 1, "tensor": 1})(), devices=jax.devices()[:1])
+    rules = parallel.resolve_rules(config.mesh.rules)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    boxed = state_shapes(objective, tx, config.data.get("seq_len", 1), config.train.seed)
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+    abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), shardings)
+    checkpointer.check_compatible(step, abstract, {
+        "objective": config.objective, "model": config.model.to_dict(),
+        "tokenizer": tok.fingerprint()})
+    state, _ = checkpointer.restore(step, abstract)
   return Trained(config, tok, objective, state.params, step)
