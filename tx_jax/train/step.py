@@ -60,11 +60,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, accumulate_step
       grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
       loss = sums["loss_sum"] / denom
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates)))
+              & jnp.isfinite(optax.tree.norm(updates)))
     halted = (state.skip_run >= halt_after) if halt_after else jnp.bool_(False)
     apply = finite & ~halted
     keep = lambda new, old: jax.tree_util.tree_map(
@@ -75,7 +75,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, accumulate_step
         opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + skip,
         skip_run=jnp.where(halted, state.skip_run, (state.skip_run + 1) * skip))
     metrics = {"train/loss": loss, "grad_norm": grad_norm,
-               "param_norm": optax.global_norm(state.params),
+               "param_norm": optax.tree.norm(state.params),
                "finite": finite, "weight": sums["weight"]}
     return new_state, metrics
 
