@@ -25,9 +25,15 @@ from tx_jax.train.setup import init_state, state_shapes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 B, T, V = 8, 16, 64
+# Adam's first update is lr * g / (|g| + eps) per entry, so it turns a rounding
+# error d of a gradient entry into a parameter change of up to lr * d / eps: with
+# the usual eps = 1e-8 an entry whose terms nearly cancel (|g| ~ 1e-7 next to
+# terms ~ 1e-3) moves by ~lr * 1e-2 on one mesh and not on another. eps = 1e-3
+# makes the update a smooth function of the gradient, so the updated parameters
+# can be held to the same fp32-rounding tolerance as the gradients.
 OPTIM = ml_collections.ConfigDict(dict(
     lr=1e-2, warmup_steps=0, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
-    accumulate_steps=1, b1=0.9, b2=0.95, eps=1e-8))
+    accumulate_steps=1, b1=0.9, b2=0.95, eps=1e-3))
 
 
 def mesh_of(shape):
