@@ -35,7 +35,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       # or cut off ("truncate"); invalid UTF-8 in data files is an "error", or
       # each affected document is "replace"d (U+FFFD) or "skip"ped. Counts go to
       # <workdir>/data_stats.json.
-      max_doc_len=1_000_000, over_length="chunk", invalid_utf8="error"))
+      max_doc_len=1_000_000, over_length="chunk", invalid_utf8="error",
+      # Disjoint document shards behind every global batch (0 = one per process);
+      # pin it to keep the data identical when the number of hosts changes.
+      shards=0))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=800, batch_size=16, seed=0, log_every=25, eval_every=200,

@@ -21,10 +21,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_distributed_flags(p):
-  g = p.add_argument_group("multi-host (passed to jax.distributed.initialize)")
+  g = p.add_argument_group("multi-host (passed to jax.distributed.initialize; without them "
+                           "JAX auto-detects Cloud TPU VMs, SLURM and Open MPI)")
   g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
   g.add_argument("--num-processes", type=int)
   g.add_argument("--process-id", type=int)
+  g.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+                 help="a process silent this long is declared dead and the others stop "
+                      "(default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,20 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _init_distributed(args):
-  """jax.distributed from flags, or JAX's auto-detection on TPU VMs / SLURM."""
-  import jax
-  if args.coordinator_address or args.num_processes or args.process_id is not None:
-    if not (args.coordinator_address and args.num_processes and args.process_id is not None):
-      from tx_jax.errors import UserError
-      raise UserError("multi-host needs all of --coordinator-address, --num-processes and "
-                      "--process-id")
-    # Only affects the CPU backend: cross-process CPU collectives need gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
-      "TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()
+  """jax.distributed from flags / env, or JAX's auto-detection on TPU VMs / SLURM."""
+  from tx_jax import parallel
+  parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                  args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
 
 
 def _config_from(args, overrides):

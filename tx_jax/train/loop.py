@@ -70,6 +70,10 @@ def train(config, workdir: str) -> dict:
   if t.batch_size % jax.process_count():
     raise UserError(f"train.batch_size={t.batch_size} must be a multiple of the "
                     f"{jax.process_count()} processes")
+  parallel.check_process_rows(parallel.batch_sharding(mesh, rules), t.batch_size)
+  if "://" in workdir:  # os / open() would write to a local directory named "gs:"
+    raise UserError(f"--workdir {workdir!r}: URLs are not supported; give a directory all "
+                    "hosts share (NFS, or the bucket mounted with gcsfuse)")
   tx = optim.make_optimizer(config.optim, total_steps)
   halt_after = 1 if t.get("nonfinite", "skip") == "stop" else t.get("max_consecutive_skips", 10)
 

@@ -67,7 +67,11 @@ def get_tokenizer(config, workdir: str, create: bool, train_source=None):
     except ValueError:
       raise UserError(f"data.tokenizer={spec!r}: expected spm-train:VOCAB_SIZE") from None
     texts = (train_source[i]["text"] for i in range(len(train_source)))
-    tok = tokenizers.train_sentencepiece(texts, vocab, os.path.join(workdir, "spm"))
+    if jax.process_index() == 0:  # one writer on the shared workdir; the others wait
+      tokenizers.train_sentencepiece(texts, vocab, os.path.join(workdir, "spm"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tx_jax: spm tokenizer trained")
     tok = tokenizers.make_tokenizer(f"spm:{os.path.join(workdir, 'spm.model')}", specials)
   else:
     tok = tokenizers.make_tokenizer(spec, specials)
@@ -101,10 +105,14 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
                                               _padded_bytes(tok, config.model.vocab_size))
   n_proc, pid = jax.process_count(), jax.process_index()
   local_bs = t.batch_size // n_proc
+  shards, shard_count = process_shards(config)
 
   def train_iterator():
-    return pipeline.lm_train_iterator(train_source, tok, d.seq_len, local_bs, t.seed,
-                                      shard_index=pid, shard_count=n_proc)
+    per_shard = [pipeline.lm_train_iterator(train_source, tok, d.seq_len,
+                                            t.batch_size // shard_count, t.seed,
+                                            shard_index=i, shard_count=shard_count)
+                 for i in shards]
+    return per_shard[0] if len(per_shard) == 1 else pipeline.ConcatRows(per_shard)
 
   def eval_batches():
     # Every host builds the same global batches and keeps its rows.
@@ -117,6 +125,24 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   tx_lr = optim.lr_schedule(config.optim, t.steps)
   return Experiment(config, tok, objective, d.seq_len, t.batch_size * d.seq_len,
                     train_iterator, eval_batches, lambda s: float(tx_lr(s)), data_stats)
+
+
+def process_shards(config) -> tuple[list[int], int]:
+  """The data shards this process reads, and how many there are in all.
+
+  `data.shards` disjoint slices of the documents (0 = one per process) each
+  give batch_size / shards rows of every global batch; process p reads the
+  p-th consecutive share of them. Pinning data.shards keeps the global batches
+  identical when the number of processes changes (a 1-process run with
+  data.shards=2 sees what 2 processes see).
+  """
+  n_proc, pid = jax.process_count(), jax.process_index()
+  count = config.data.get("shards", 0) or n_proc
+  if count % n_proc or config.train.batch_size % count:
+    raise UserError(f"data.shards={count} must be a multiple of the {n_proc} processes and "
+                    f"divide train.batch_size={config.train.batch_size}")
+  per_process = count // n_proc
+  return list(range(pid * per_process, (pid + 1) * per_process)), count
 
 
 def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
