@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--data", help="data spec to evaluate on (default: the held-out split)")
 
-  p = sub.add_parser("generate", help="sample text from a trained decoder")
+  p = sub.add_parser("generate", help="sample text from a trained decoder (or decode a "
+                                       "trained encoder-decoder's target)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", required=True)
   p.add_argument("--max-new-tokens", type=int, default=None,
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-p", type=float, default=0.95)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num-samples", type=int, default=1)
+  p.add_argument("--beam-size", type=int, default=1,
+                 help="encoder-decoder workdirs: 1 = greedy, >1 = beam search")
+  p.add_argument("--length-penalty", type=float, default=0.6,
+                 help="beam search: scores are log p / ((5 + length) / 6) ** this")
 
   p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on a data spec")
   p.add_argument("--data", required=True)
@@ -121,6 +126,17 @@ def cmd_generate(args, _):
   except UnicodeEncodeError:
     raise UserError("--prompt is not valid UTF-8; pass UTF-8 text") from None
   trained = setup.load_trained(args.workdir)
+  from tx_jax.models import DecoderLM, EncoderDecoder
+  if isinstance(trained.objective.model, EncoderDecoder):
+    from tx_jax.generate import generate_seq2seq
+    print(generate_seq2seq(trained, args.prompt, max_new_tokens=args.max_new_tokens,
+                           beam_size=args.beam_size, alpha=args.length_penalty))
+    return
+  if not isinstance(trained.objective.model, DecoderLM):
+    raise UserError(f"{args.workdir!r} holds a {trained.config.objective} model, which does not "
+                    "generate text; use a causal_lm or encoder-decoder workdir")
+  if args.beam_size != 1:
+    raise UserError("--beam-size is for encoder-decoder workdirs; decoders sample")
   for text in generate_text(trained, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, num_samples=args.num_samples):

@@ -7,6 +7,8 @@ model is always rebuilt by exactly the code that trained it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import os
 from typing import Callable, Iterator
 
@@ -85,7 +87,24 @@ def get_tokenizer(config, workdir: str, create: bool, train_source=None):
 def build_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   if config.objective not in _KNOWN:
     raise UserError(f"objective {config.objective!r} is unknown; choose one of {sorted(_KNOWN)}")
-  return _KNOWN[config.objective](config, workdir, create_tokenizer)
+  builder = _KNOWN[config.objective]
+  if isinstance(builder, str):  # "module:function", imported on use
+    module, name = builder.split(":")
+    builder = getattr(importlib.import_module(module), name)
+  return builder(config, workdir, create_tokenizer)
+
+
+def make_objective(config, tok, **extra):
+  """The configured objective; `config.objective_options` are its keyword arguments."""
+  options = dict(config.get("objective_options") or {})
+  cls = get_objective(config.objective)
+  accepted = inspect.signature(cls).parameters
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise UserError(f"objective_options {unknown} are not options of {config.objective!r}; "
+                    f"it takes {sorted(set(accepted) - {'model_cfg', 'token_bytes'})}")
+  return cls(config_lib.model_config(config), _padded_bytes(tok, config.model.vocab_size),
+             **options, **extra)
 
 
 def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
@@ -101,8 +120,7 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   if config.model.vocab_size < tok.vocab_size:
     raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                     f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
-  objective = get_objective(config.objective)(config_lib.model_config(config),
-                                              _padded_bytes(tok, config.model.vocab_size))
+  objective = make_objective(config, tok)
   n_proc, pid = jax.process_count(), jax.process_index()
   local_bs = t.batch_size // n_proc
   shards, shard_count = process_shards(config)
@@ -152,7 +170,12 @@ def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
   return table
 
 
-_KNOWN: dict[str, Callable] = {"causal_lm": _lm_experiment}
+_KNOWN: dict[str, Callable | str] = {
+    "causal_lm": _lm_experiment,
+    "masked_lm": "tx_jax.train.experiments_text:masked_lm_experiment",
+    "span_corruption": "tx_jax.train.experiments_text:span_corruption_experiment",
+    "seq2seq": "tx_jax.train.experiments_text:seq2seq_experiment",
+}
 
 
 def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> TrainState:
@@ -212,8 +235,7 @@ def load_trained(workdir: str, mesh=None) -> Trained:
     raise UserError(f"workdir {workdir!r} does not exist; train first with tx-jax train")
   config = config_lib.load_workdir_config(workdir)
   tok = get_tokenizer(config, workdir, create=False)
-  objective = get_objective(config.objective)(config_lib.model_config(config),
-                                              _padded_bytes(tok, config.model.vocab_size))
+  objective = make_objective(config, tok)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
