@@ -40,7 +40,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       **dataclasses.asdict(encoder), **dataclasses.asdict(vit),
       **{f"decoder_{k}": getattr(decoder, k)
          for k in ("num_layers", "d_model", "num_heads", "mlp_dim")}})
-  c.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix_loss=True))
+  c.objective_options = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix_loss=True))
 
   c.data = ml_collections.ConfigDict(dict(
       source="embedded:digits", eval_source="", eval_fraction=0.2,

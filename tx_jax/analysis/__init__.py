@@ -19,5 +19,6 @@ from tx_jax.analysis.reduce import pca
 from tx_jax.analysis.reduce import tsne
 from tx_jax.analysis.report import analyze
 from tx_jax.analysis.report import representatives
+from tx_jax.analysis.report import save_map
 from tx_jax.analysis.report import tfidf_kmeans_nmi
 from tx_jax.analysis.report import top_terms

@@ -24,8 +24,12 @@ def _subsample(n, max_n, seed):
   return np.sort(np.random.default_rng(seed).choice(n, max_n, replace=False))
 
 
-def kmeans(x, k, seed=0, n_init=3):
-  """k-means++ with n_init restarts -> (labels [N] int, centers [k, D] float32)."""
+def kmeans(x, k, seed=0, n_init=10):
+  """k-means++ with n_init restarts -> (labels [N] int, centers [k, D] float32).
+
+  n_init=10: on 50k x 128 blobs with k=20, 3 restarts still merged two blobs
+  for one seed (ARI 0.94 vs 1.0); 10 cost ~45 CPU-s there.
+  """
   from sklearn.cluster import KMeans
   x = np.asarray(x, dtype=np.float32)
   km = KMeans(k, n_init=n_init, random_state=seed).fit(x)
@@ -152,8 +156,10 @@ def _silhouette(x, labels, seed, sample_size):
   if not 2 <= n_labels <= len(x) - 1:
     return None
   size = sample_size if len(x) > sample_size else None
-  s = sk_metrics.silhouette_score(x, labels, sample_size=size, random_state=seed)
-  # A subsample can miss all but one cluster; sklearn then raises or gives NaN.
+  try:
+    s = sk_metrics.silhouette_score(x, labels, sample_size=size, random_state=seed)
+  except ValueError:  # The subsample holds a single cluster.
+    return None
   return float(s) if np.isfinite(s) else None
 
 
@@ -171,14 +177,11 @@ def internal_metrics(x, labels, seed=0, sample_size=SILHOUETTE_SAMPLE):
   out = {"silhouette": None, "calinski_harabasz": None, "davies_bouldin": None}
   keep = labels != NOISE
   if not keep.all():
-    out["noise_fraction"] = float(1.0 - keep.mean())
+    out["noise_fraction"] = float((~keep).mean())
   x, labels = x[keep], labels[keep]
   if not 2 <= len(np.unique(labels)) <= len(x) - 1:
     return out  # All three metrics need 2..n-1 clusters.
-  try:
-    out["silhouette"] = _silhouette(x, labels, seed, sample_size)
-  except ValueError:  # Subsample holds a single cluster.
-    out["silhouette"] = None
+  out["silhouette"] = _silhouette(x, labels, seed, sample_size)
   out["calinski_harabasz"] = float(sk_metrics.calinski_harabasz_score(x, labels))
   out["davies_bouldin"] = float(sk_metrics.davies_bouldin_score(x, labels))
   return {k: (v if v is None or np.isfinite(v) else None) for k, v in out.items()}

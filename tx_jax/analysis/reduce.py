@@ -1,7 +1,7 @@
 """Feature scaling and 2-D maps (PCA, t-SNE) of embeddings, via scikit-learn.
 
 t-SNE has no `transform` and costs O(N log N) per iteration with a large
-constant (about a minute for 5k points on 2 cores), so for N > `max_fit` it is
+constant (about 30 s for 5k points on one core), so for N > `max_fit` it is
 fit on a seeded subsample and every other point is placed at the mean map
 position of its nearest fitted neighbours (in the PCA-50 space t-SNE saw).
 That keeps a 50k-point map to well under two minutes on 2 cores and shows the
@@ -40,7 +40,7 @@ def pca(x, n_components=2, seed=0):
   n, d = x.shape
   out = np.zeros((n, n_components), np.float32)
   m = min(n_components, n, d)
-  if m > 0:
+  if m > 0 and np.ptp(x, axis=0).max() > 0:  # Identical rows have no components.
     out[:, :m] = PCA(m, random_state=seed).fit_transform(x)
   return out
 
@@ -52,15 +52,17 @@ def tsne(x, seed=0, perplexity=30.0, max_fit=5000, pca_dims=50, max_iter=750,
   D > pca_dims is first reduced with PCA (denoises and speeds up the neighbour
   search). N > max_fit: fit on a seeded subsample of max_fit points and place
   the rest by their nearest fitted neighbours (see module docstring).
-  max_iter=750 (250 early-exaggeration + 500 steps, openTSNE's schedule) gives
-  the same picture as sklearn's 1000 for 3/4 of the time.
+  max_iter=750 is openTSNE's default schedule (250 early-exaggeration steps +
+  500); sklearn's 1000 costs a third more. n_threads=1 by default: see below.
   """
   from sklearn.manifold import TSNE
   from sklearn.neighbors import NearestNeighbors
   from threadpoolctl import threadpool_limits
   x = np.asarray(x, dtype=np.float32)
   n, d = x.shape
-  if n < 5:  # t-SNE needs a few neighbours per point; a tiny set is just a PCA.
+  # t-SNE needs a few neighbours per point, and sklearn's Barnes-Hut code
+  # segfaults when all points are identical (its PCA init is 0/0).
+  if n < 5 or d < 2 or np.ptp(x, axis=0).max() == 0:
     return pca(x, 2, seed)
   if d > pca_dims:
     x = pca(x, pca_dims, seed)

@@ -59,7 +59,7 @@ def top_terms(texts, clusters, n=10):
     counts = vec.fit_transform(texts)  # [N, V]
   except ValueError:  # No words at all after stop words: nothing to show.
     return out
-  vocab = vec.get_feature_names_out()
+  vocab = vec.get_feature_names_out().astype(str)
   member = sparse.csr_matrix(
       (np.ones(len(texts)), (inv, np.arange(len(texts)))), shape=(len(ids), len(texts)))
   class_counts = (member @ counts).tocsr().astype(np.float64)  # [C, V]
@@ -142,12 +142,14 @@ def _load(npz_path):
     raise UserError(f"embeddings in {npz_path} have dtype {x.dtype}, not numbers; {fix}")
   n = x.shape[0]
   if n == 0 or x.shape[1] == 0:
-    raise UserError(f"embeddings in {npz_path} are empty (shape {x.shape}); embed a non-empty dataset")
+    raise UserError(
+        f"embeddings in {npz_path} are empty (shape {x.shape}); embed a non-empty dataset")
   bad = ~np.isfinite(x).all(axis=1)
   if bad.any():
     raise UserError(
         f"embeddings in {npz_path} contain NaN/inf in {int(bad.sum())} of {n} rows "
-        f"(first: row {int(np.argmax(bad))}); re-embed with a healthy checkpoint or drop those rows")
+        f"(first: row {int(np.argmax(bad))}); re-embed with a healthy checkpoint or drop "
+        "those rows")
   for key in ("ids", "labels", "texts"):
     if key in arrays and arrays[key].shape != (n,):
       raise UserError(
@@ -264,7 +266,8 @@ map by {esc(report.get('reduce', ''))}, seed {report.get('seed', '')}</p>
 <h2>Summary metrics</h2>
 <table class=metrics>{''.join(rows)}</table>
 <h2>Map</h2>
-<img class=map id=map alt="2-D map of the embeddings coloured by cluster" src="data:image/png;base64,{png}">
+<img class=map id=map alt="2-D map of the embeddings coloured by cluster"
+ src="data:image/png;base64,{png}">
 <h2>Clusters</h2>
 <table class=clusters>
 <thead><tr><th>cluster</th><th>size</th><th>top terms</th><th>representative posts</th></tr></thead>
@@ -298,7 +301,8 @@ def analyze(npz_path, out_dir, *, method="kmeans", k=None, k_min=2, k_max=20,
   if method == "dbscan" and k is not None:
     raise UserError("k does not apply to method dbscan; drop --k and set --eps/--min-samples")
   if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2):
-    raise UserError(f"k={k!r} is invalid; use an integer k >= 2, or omit k to choose it by silhouette")
+    raise UserError(
+        f"k={k!r} is invalid; use an integer k >= 2, or omit k to choose it by silhouette")
   if k is None and method != "dbscan" and not 2 <= k_min <= k_max:
     raise UserError(f"bad k range {k_min}..{k_max}; use 2 <= k-min <= k-max")
   if eps is not None and not eps > 0:
@@ -328,7 +332,8 @@ def analyze(npz_path, out_dir, *, method="kmeans", k=None, k_min=2, k_max=20,
     if k is None:
       hi = min(k_max, n - 1)  # Silhouette needs at most n - 1 clusters.
       if k_min > hi:
-        raise UserError(f"cannot choose k in {k_min}..{k_max} for {n} points; pass k or lower k-min")
+        raise UserError(
+            f"cannot choose k in {k_min}..{k_max} for {n} points; pass k or lower k-min")
       k, scores = cluster_lib.choose_k(xc, range(k_min, hi + 1), seed)
       extra["k_scores"] = {str(kk): s for kk, s in scores.items()}  # Silhouettes.
     k = int(k)

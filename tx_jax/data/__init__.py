@@ -6,6 +6,7 @@ Imports neither tx_jax.models nor tx_jax.train, and never TensorFlow.
 from tx_jax.data.corpora import digits
 from tx_jax.data.corpora import python_docs
 from tx_jax.data.corpora import stdlib_docstrings
+from tx_jax.data.doc_policy import DocPolicy
 from tx_jax.data.images import image_eval_batches
 from tx_jax.data.images import image_train_eval_sources
 from tx_jax.data.images import image_train_iterator

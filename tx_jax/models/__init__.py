@@ -2,11 +2,13 @@
 
 from tx_jax.models.layers import (Attention, Block, Mlp, RelativePositionBias, Stack,
                                   TransformerConfig, attention_mask, rotary)
-from tx_jax.models.transformer import (DECODER_SIZES, DecoderLM, Encoder, count_params,
-                                       make_config, param_shapes)
+from tx_jax.models.transformer import (DECODER_SIZES, ENC_DEC_SIZES, ENCODER_SIZES, DecoderLM,
+                                       Encoder, EncoderDecoder, count_params, make_config,
+                                       param_shapes)
 from tx_jax.models.vit import MAE, VIT_SIZES, ViT, ViTConfig, make_vit_config, vit_configs
 
 __all__ = ["Attention", "Block", "Mlp", "RelativePositionBias", "Stack", "TransformerConfig",
-           "attention_mask", "rotary", "DECODER_SIZES", "DecoderLM", "Encoder",
+           "attention_mask", "rotary", "DECODER_SIZES", "ENC_DEC_SIZES", "ENCODER_SIZES",
+           "DecoderLM", "Encoder", "EncoderDecoder",
            "count_params", "make_config", "param_shapes",
            "MAE", "VIT_SIZES", "ViT", "ViTConfig", "make_vit_config", "vit_configs"]

@@ -65,18 +65,19 @@ class MAEObjective:
     self.model = MAE(model_cfg, vit, self.decoder_cfg, self.mask_ratio)
 
   @classmethod
-  def from_config(cls, config) -> "MAEObjective":
-    """From a run config: `model` (flat ViT/MAE fields, see models.vit.vit_configs), `mae`."""
-    encoder, vit, decoder = vit_configs(dict(config.model))
-    return cls(encoder, vit=vit, decoder=decoder, mask_ratio=config.mae.mask_ratio,
-               norm_pix_loss=config.mae.norm_pix_loss)
+  def from_config(cls, model, **options) -> "MAEObjective":
+    """From a run's `model` section (flat ViT/MAE fields, see models.vit.vit_configs)
+    and its objective_options (mask_ratio, norm_pix_loss)."""
+    encoder, vit, decoder = vit_configs(dict(model))
+    return cls(encoder, vit=vit, decoder=decoder, **options)
 
   def dummy_images(self, batch: int = 1):
     v = self.vit
     return jnp.zeros((batch, v.image_size, v.image_size, v.channels), jnp.float32)
 
-  def synthetic_batch(self, batch: int, seed: int = 0) -> dict:
-    """Random normalised images, for throughput benchmarks."""
+  def synthetic_batch(self, batch: int, seq_len: int = 0, vocab: int = 0, seed: int = 0) -> dict:
+    """Random normalised images, for throughput benchmarks (seq_len, vocab: unused)."""
+    del seq_len, vocab
     v = self.vit
     rng = np.random.default_rng(seed)
     return {"image": rng.normal(size=(batch, v.image_size, v.image_size, v.channels)

@@ -44,11 +44,9 @@ def benchmark(config, steps: int = 20) -> dict:
     state = jax.jit(lambda: init_state(objective, tx, seq_len, 0), out_shardings=shardings)()
     step = jax.jit(step_lib.make_train_step(objective, tx, config.optim.accumulate_steps),
                    in_shardings=(shardings, batch_sharding), donate_argnums=0)
-    if objective.unit == "images":
-      batch = objective.synthetic_batch(batch_size)
-    else:
-      batch = synthetic_lm_batch(batch_size, seq_len, cfg.vocab_size)
-    batch = parallel.global_batch(batch, batch_sharding)
+    make_batch = getattr(objective, "synthetic_batch", synthetic_lm_batch)  # objective's own keys
+    batch = parallel.global_batch(make_batch(batch_size, seq_len, cfg.vocab_size),
+                                  batch_sharding)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
