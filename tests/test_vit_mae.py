@@ -345,3 +345,24 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
   assert cli.main(["eval", "--workdir", str(wd)]) == 0
   record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert record["step"] == 6 and 0 < record["eval/loss"] < 2
+
+  # `tx-jax embed` on an MAE workdir: the encoder's pre_logits of the eval-preprocessed
+  # images (naive numpy preprocessing here), with labels, ready for `tx-jax analyze`.
+  npz = tmp_path / "digits.npz"
+  assert cli.main(["embed", "--workdir", str(wd), "--data", "embedded:digits", "--out",
+                   str(npz), "--sample", "40", "--batch-size", "16"]) == 0
+  got = np.load(npz)
+  index = [int(str(i).split("[")[1].rstrip("]")) for i in got["ids"]]
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  np.testing.assert_array_equal(got["labels"], digits.target[index])
+  pixels = ((digits.images[index] / 16.0 - 0.3053) / 0.3760)[..., None].astype(np.float32)
+  trained = load_trained(str(wd))
+  want = trained.objective.encode(trained.params, pixels)[0]
+  assert got["embeddings"].shape == (40, 32)
+  np.testing.assert_allclose(got["embeddings"], want, atol=1e-4, rtol=1e-4)
+  capsys.readouterr()
+  assert cli.main(["analyze", "--embeddings", str(npz), "--out", str(tmp_path / "report"),
+                   "--k", "10"]) == 0
+  report = json.load(open(tmp_path / "report" / "report.json"))
+  assert report["k"] == 10 and 0 <= report["metrics"]["nmi"] <= 1

@@ -55,7 +55,7 @@ class MAEObjective:
 
   def __init__(self, model_cfg: TransformerConfig, token_bytes: np.ndarray | None = None, *,
                vit: ViTConfig = ViTConfig(), decoder: TransformerConfig | None = None,
-               mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+               mask_ratio: float = 0.75, norm_pix_loss: bool = True, inputs=None):
     if not 0.0 <= mask_ratio < 1.0:
       raise ValueError(f"mae.mask_ratio must be in [0, 1), got {mask_ratio}")
     del token_bytes  # images have no tokens
@@ -63,6 +63,10 @@ class MAEObjective:
     self.decoder_cfg = decoder or model_cfg
     self.mask_ratio, self.norm_pix_loss = float(mask_ratio), bool(norm_pix_loss)
     self.model = MAE(model_cfg, vit, self.decoder_cfg, self.mask_ratio)
+    # Reads and preprocesses data outside training (`tx-jax embed`): an object with
+    # open(spec) -> source and collate(records) -> {"image": (B, H, W, C)}; the
+    # train code builds it from the run's data config.
+    self.inputs = inputs
 
   @classmethod
   def from_config(cls, model, **options) -> "MAEObjective":
@@ -110,6 +114,42 @@ class MAEObjective:
   def encode(self, params, images):
     """Unmasked encoder features: (pre_logits (B, D), out with "patch_tokens" (B, N, D))."""
     return self.model.apply({"params": params}, images, method=MAE.encode)
+
+  # --- `tx-jax embed` hooks (see tx_jax.analysis.embed) ---------------------------
+
+  def open_embed_source(self, spec: str):
+    return self._inputs().open(spec)
+
+  def embed_collate(self, records) -> dict:
+    return self._inputs().collate(records)
+
+  def _inputs(self):
+    if self.inputs is None:
+      raise ValueError("this MAEObjective was built without data inputs; load it with "
+                       "tx_jax.train.setup.load_trained")
+    return self.inputs
+
+  def embed_batch(self, params, batch, layer: str = "pre_logits", pooling: str = "mean"):
+    """(B, D) features of the unmasked encoder.
+
+    "pre_logits" is the encoder's own pooled vector (CLS token or patch mean, as
+    model.pooling says; `pooling` does not apply). Token layers ("embedded",
+    "block_XX", "encoded", "patch_tokens") are pooled by `pooling`: "mean" over
+    the patch tokens (CLS excluded) or "cls" (the CLS token of a CLS model).
+    """
+    _, out = self.encode(params, batch["image"])
+    if layer not in out:
+      raise ValueError(f"unknown layer {layer!r}; this model has {', '.join(out)}")
+    x = out[layer].astype(jnp.float32)
+    if layer == "pre_logits":
+      return x
+    has_cls = self.vit.pooling == "cls" and x.shape[1] == self.vit.num_patches + 1
+    if pooling == "mean":
+      return jnp.mean(x[:, 1:] if has_cls else x, axis=1)
+    if pooling == "cls" and has_cls:
+      return x[:, 0]
+    raise ValueError(f"pooling {pooling!r} does not apply to layer {layer!r}; use mean"
+                     + (" or cls" if has_cls else ""))
 
   def patch_stats_inputs(self, params, images, rng):
     """Decoder states (B, N, Dd), mask (B, N) and each patch's pixel mean and std (B, N, 2)."""

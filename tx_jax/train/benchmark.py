@@ -30,7 +30,7 @@ def benchmark(config, steps: int = 20) -> dict:
   """Times `steps` jitted train steps after one compile; returns one JSON-able dict."""
   config_lib.check_config(config)
   cfg = config_lib.model_config(config)
-  if hasattr(get_objective(config.objective), "from_config"):  # image objectives
+  if get_objective(config.objective).data_kind == "images":
     objective = make_objective(config, None)
   else:
     objective = get_objective(config.objective)(cfg, np.ones(cfg.vocab_size, np.float32))

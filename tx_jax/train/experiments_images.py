@@ -15,6 +15,7 @@ import numpy as np
 
 from tx_jax import parallel
 from tx_jax.data import images
+from tx_jax.errors import UserError
 from tx_jax.train import optim
 from tx_jax.train.setup import Experiment, make_objective
 
@@ -28,6 +29,31 @@ def preprocess_from_config(config, vit) -> images.Preprocess:
       image_size=vit.image_size, channels=vit.channels, mean=tuple(d.mean), std=tuple(d.std),
       resize=d.resize, crop_scale=tuple(d.crop_scale), flip=d.flip,
       eval_crop_fraction=d.eval_crop_fraction)
+
+
+class ImageInputs:
+  """How a trained image model reads data outside training (`tx-jax embed`): any
+  image spec, preprocessed exactly as the run's evaluation images."""
+
+  def __init__(self, prep: images.Preprocess):
+    self.prep = prep
+
+  def open(self, spec: str) -> images.ImageSource:
+    return images.open_image_source(spec)
+
+  def collate(self, records) -> dict[str, np.ndarray]:
+    return {"image": np.stack([self.prep.eval(r["image"], r.get("id", "")) for r in records])}
+
+
+def image_objective(cls, config, options: dict, extra: dict):
+  """An image objective from a run config: model configs from `config.model`
+  (flat ViT/MAE fields), `options` from objective_options, inputs from `config.data`."""
+  try:
+    objective = cls.from_config(config.model, **options, **extra)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  objective.inputs = ImageInputs(preprocess_from_config(config, objective.vit))
+  return objective
 
 
 def mae_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:

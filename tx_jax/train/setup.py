@@ -106,11 +106,9 @@ def make_objective(config, tok, **extra):
   if unknown:
     raise UserError(f"objective_options {unknown} are not options of {config.objective!r}; "
                     f"it takes {sorted(set(accepted) - {'model_cfg', 'token_bytes'})}")
-  if hasattr(cls, "from_config"):  # builds its own model configs (images: ViT + decoder)
-    try:
-      return cls.from_config(config.model, **options, **extra)
-    except ValueError as e:
-      raise UserError(str(e)) from None
+  if cls.data_kind == "images":  # ViT configs from config.model, inputs from config.data
+    from tx_jax.train import experiments_images  # imports this module
+    return experiments_images.image_objective(cls, config, options, extra)
   return cls(config_lib.model_config(config), _padded_bytes(tok, config.model.vocab_size),
              **options, **extra)
 
