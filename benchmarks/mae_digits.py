@@ -11,14 +11,17 @@ Then, on the config's split of the digits (80% train / 20% held out, seeded):
   - masked reconstruction loss on the held-out images (averaged over 5 mask
     draws) of the trained and the random-init model, beside predicting each
     masked patch's own mean (the norm-pix baseline).
-Writes benchmarks/results/mae_digits.json.
+Writes benchmarks/results/mae_digits.json and .md, and copies the newest
+reconstruction grid beside them.
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -114,15 +117,53 @@ def main():
       "model": {k: config.model[k] for k in ("image_size", "patch_size", "num_layers",
                                              "d_model", "num_heads", "mlp_dim", "pooling",
                                              "decoder_num_layers", "decoder_d_model")},
-      "mask_ratio": objective.mask_ratio, "train_steps": config.train.steps,
+      "mask_ratio": objective.mask_ratio, "mask_draws": args.mask_draws,
+      "train_steps": config.train.steps,
       "batch_size": config.train.batch_size,
       "training": training, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
       "jax": jax.__version__,
   })
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  grids = sorted(glob.glob(os.path.join(args.workdir, "reconstructions", "step_*.png")))
+  if grids:  # the newest eval's grid, beside the numbers
+    results["reconstruction"]["grid"] = os.path.basename(args.out).replace(
+        ".json", "_reconstructions.png")
+    shutil.copyfile(grids[-1], os.path.join(os.path.dirname(args.out),
+                                            results["reconstruction"]["grid"]))
   with open(args.out, "w") as f:
     json.dump(results, f, indent=2)
+  with open(args.out.replace(".json", ".md"), "w") as f:
+    f.write(markdown(results))
   print(json.dumps(results, indent=2))
+
+
+def markdown(r: dict) -> str:
+  """The results as a short markdown report."""
+  rows = [("raw pixels", r["raw_pixels"]), ("random-init encoder", r["random_init_encoder"]),
+          ("MAE encoder (trained)", r["trained_encoder"])]
+  rec = r["reconstruction"]
+  t = r.get("training") or {}
+  lines = [
+      "# MAE on digits (tiny config)", "",
+      f"`{t.get('command', 'tx-jax train --config configs/mae.py')}`: {r['train_steps']} steps, "
+      f"batch {r['batch_size']}, mask ratio {r['mask_ratio']}; model {r['model']}.", "",
+      (f"Training took {t['wall_s']:.0f} s wall ({t['cpu_s']:.0f} s CPU) on {r['machine']}, "
+       f"shared with other jobs (1-minute load average {t['load_average_1m_at_end']:.1f} at "
+       "the end), so timings are noisy and slow." if t else ""), "",
+      f"Held-out split: {r['split']['train']} train / {r['split']['eval']} eval images; "
+      f"{r['split']['protocol']}.", "",
+      "| features | linear probe acc. | 20-NN acc. | k-means NMI |", "|---|---|---|---|"]
+  lines += [f"| {name} | {m['linear_probe_accuracy']:.3f} | {m['knn_accuracy']:.3f} | "
+            f"{m['kmeans_nmi']:.3f} |" for name, m in rows]
+  lines += ["", "Masked-patch reconstruction loss on the eval images (norm-pix MSE, "
+            f"{r.get('mask_draws', 5)} mask draws):", "",
+            "| predictor | loss |", "|---|---|",
+            f"| each masked patch's own mean | {rec['mean_predictor_loss']:.3f} |",
+            f"| random-init MAE | {rec['random_init_loss']:.3f} |",
+            f"| trained MAE | {rec['trained_loss']:.3f} |", ""]
+  if rec.get("grid"):
+    lines += [f"![original / masked / reconstructed]({rec['grid']})", ""]
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

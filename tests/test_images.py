@@ -53,6 +53,13 @@ def test_tfds_image_sets_with_mock_data(monkeypatch, tmp_path):
     assert np.abs(batch["image"]).max() <= 0.5 / 0.25 + 1e-5  # (x - 0.5) / 0.25, x in [0, 1]
     mnist = images.open_image_source("tfds:mnist:test")
     assert mnist[0]["image"].shape == (28, 28, 1)
+    # ImageNet as configs/mae.py:b16 reads it: any size, centre crop 0.875 -> 224x224.
+    imagenet = images.open_image_source("tfds:imagenet2012:validation")
+    assert imagenet.has_labels and len(imagenet.label_names) == 1000
+    assert imagenet[0]["image"].ndim == 3 and imagenet[0]["image"].shape[-1] == 3
+    prep = images.Preprocess(224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                             eval_crop_fraction=0.875)
+    assert prep.eval(imagenet[0]["image"]).shape == (224, 224, 3)
     with pytest.raises(UserError, match="no image feature"):
       images.open_image_source("tfds:imdb_reviews:train")
   with pytest.raises(UserError, match="tfds build cifar10"):

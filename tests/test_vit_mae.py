@@ -28,7 +28,9 @@ TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=32",
               "--config.model.decoder_num_heads=2", "--config.model.decoder_mlp_dim=32",
               "--config.train.batch_size=16", "--config.train.log_every=2",
               "--config.data.eval_examples=64", "--config.evaluation.probe_train_examples=200",
-              "--config.evaluation.reconstructions=4"]
+              "--config.evaluation.reconstructions=4",
+              "--config.evaluation.readout_fit_examples=64",
+              "--config.evaluation.probe_test_examples=100"]
 
 
 def run_cli(args, timeout=600, env_extra=None):
@@ -334,7 +336,9 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
   assert (wd / "reconstructions" / "step_000006.png").stat().st_size > 1000
 
   shutil.rmtree(wd / "checkpoints" / "6")
-  again = run_cli(common, env_extra=env)
+  # Evaluation settings do not touch the training state; skip the probes this time.
+  again = run_cli(common + ["--config.evaluation.probe=false",
+                            "--config.evaluation.reconstructions=0"], env_extra=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming from step 3" in again.stdout
   resumed = jax.device_get(load_trained(str(wd)).params)

@@ -76,7 +76,7 @@ class ViTConfig:
 # ViT-B/16 with MAE's 8-layer, 512-wide decoder (He et al. 2022, table 1).
 VIT_SIZES: dict[str, dict] = {
     "tiny": dict(image_size=8, patch_size=2, channels=1, num_layers=4, d_model=128,
-                 num_heads=4, mlp_dim=256, decoder_num_layers=2, decoder_d_model=128,
+                 num_heads=4, mlp_dim=256, decoder_num_layers=2, decoder_d_model=64,
                  decoder_num_heads=4, decoder_mlp_dim=256),
     "B/16": dict(image_size=224, patch_size=16, channels=3, num_layers=12, d_model=768,
                  num_heads=12, mlp_dim=3072, decoder_num_layers=8, decoder_d_model=512,

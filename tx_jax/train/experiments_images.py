@@ -19,7 +19,8 @@ from tx_jax.errors import UserError
 from tx_jax.train import optim
 from tx_jax.train.setup import Experiment, make_objective
 
-# Training images used to fit the brightness/contrast readout of norm-pix predictions.
+# Training images used to fit the brightness/contrast readout of norm-pix predictions
+# (default of evaluation.readout_fit_examples).
 STATS_FIT_IMAGES = 1024
 
 
@@ -151,7 +152,8 @@ class FrozenEncoderEvaluation:
     _, _, recon, stats = self._functions()
     readout = None
     if self.objective.norm_pix_loss:  # brightness/contrast read out, fit on training images
-      fit = images.image_subset(self.train_src, STATS_FIT_IMAGES, self.config.train.seed)
+      limit = self.config.evaluation.get("readout_fit_examples", STATS_FIT_IMAGES)
+      fit = images.image_subset(self.train_src, limit, self.config.train.seed)
       parts = [[], [], []]  # decoder states, masks, patch stats of the valid rows
       for b in images.image_eval_batches(fit, self.prep, self.config.train.batch_size):
         for part, x in zip(parts, jax.device_get(stats(params, b["image"]))):
