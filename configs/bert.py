@@ -2,7 +2,7 @@
 
 Launch:
   tx-jax train --config configs/bert.py --workdir runs/bert            # tiny, CPU, minutes
-  tx-jax train --config configs/bert.py:base --workdir gs://.../bert   # BERT-base shape
+  tx-jax train --config configs/bert.py:base --workdir /mnt/runs/bert   # BERT-base shape
   tx-jax eval --workdir runs/bert    # eval/accuracy = masked-token accuracy
 
 Options: --config.objective_options.sentence_order=true adds ALBERT's

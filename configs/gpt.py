@@ -2,7 +2,7 @@
 
 Launch:
   tx-jax train --config configs/gpt.py --workdir runs/gpt            # tiny, CPU, minutes
-  tx-jax train --config configs/gpt.py:124m --workdir gs://.../gpt2  # GPT-2 small shape
+  tx-jax train --config configs/gpt.py:124m --workdir /mnt/runs/gpt2 # GPT-2 small shape
   tx-jax benchmark --config configs/gpt.py:bench
 
 Expected: `tiny` (800 steps of 16 x 128 tokens) reaches eval/bits_per_byte

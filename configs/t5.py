@@ -2,7 +2,7 @@
 
 Launch:
   tx-jax train --config configs/t5.py --workdir runs/t5             # tiny, CPU, minutes
-  tx-jax train --config configs/t5.py:base --workdir gs://.../t5    # original T5-base shape
+  tx-jax train --config configs/t5.py:base --workdir /mnt/runs/t5     # original T5-base shape
   tx-jax generate --workdir runs/t5 --prompt "Return the <extra_id_0> of x." --beam-size 4
 
 Supervised seq2seq (e.g. translation) on pairs, 5% held out for eval:

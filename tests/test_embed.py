@@ -26,7 +26,8 @@ TOPICS = {
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
         "model.max_len=32", "data.seq_len=32", "train.batch_size=8", "train.steps=4",
         "train.log_every=2", "train.eval_every=4", "train.checkpoint_every=4",
-        "train.async_checkpoints=false", "data.eval_batches=1", "optim.warmup_steps=1"]
+        "train.async_checkpoints=false", "data.eval_batches=1", "optim.warmup_steps=1",
+        "data.tokenizer=byte", "model.vocab_size=256"]
 
 
 def _posts(n, seed=0):

@@ -264,7 +264,8 @@ def test_t5_train_eval_generate_cli(tmp_path, capsys, monkeypatch):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "hello"}\n')
   assert cli.main(["train", "--config", "configs/t5.py:seq2seq", "--workdir",
-                   str(tmp_path / "mt"), *TINY, f"--config.data.source=file:{bad}"]) == 2
+                   str(tmp_path / "mt"), *TINY, "--config.train.batch_size=8",
+                   f"--config.data.source=file:{bad}"]) == 2
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and "'input'/'target'" in err
 
