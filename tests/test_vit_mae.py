@@ -336,9 +336,8 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
   assert (wd / "reconstructions" / "step_000006.png").stat().st_size > 1000
 
   shutil.rmtree(wd / "checkpoints" / "6")
-  # Evaluation settings do not touch the training state; skip the probes this time.
-  again = run_cli(common + ["--config.evaluation.probe=false",
-                            "--config.evaluation.reconstructions=0"], env_extra=env)
+  # Evaluation settings do not touch the training state; no pictures this time.
+  again = run_cli(common + ["--config.evaluation.reconstructions=0"], env_extra=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming from step 3" in again.stdout
   resumed = jax.device_get(load_trained(str(wd)).params)
@@ -349,6 +348,7 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
   assert cli.main(["eval", "--workdir", str(wd)]) == 0
   record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert record["step"] == 6 and 0 < record["eval/loss"] < 2
+  assert 0 <= record["eval/linear_probe_accuracy"] <= 1 and 0 <= record["eval/kmeans_nmi"] <= 1
 
   # `tx-jax embed` on an MAE workdir: the encoder's pre_logits of the eval-preprocessed
   # images (naive numpy preprocessing here), with labels, ready for `tx-jax analyze`.

@@ -112,11 +112,22 @@ class FrozenEncoderEvaluation:
       stats = jax.jit(lambda p, x: obj.patch_stats_inputs(p, x, jax.random.key(1)),
                       out_shardings=out)
       self._jitted = (parallel.batch_sharding(mesh, rules), encode, recon, stats)
+      self._mesh = mesh
     return self._jitted
+
+  def _on_mesh(self, params):
+    """params as they are when already on the run's mesh (training), else replicated
+    onto it (e.g. `tx-jax eval` loads them onto one device)."""
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    if getattr(leaf, "sharding", None) is not None and (
+        leaf.sharding.device_set == set(self._mesh.devices.flat)):
+      return params
+    return jax.device_put(params, parallel.replicated(self._mesh))
 
   def features(self, params, source, limit: int | None = None):
     """(pre_logits [n, D] float32, labels [n]) of `limit` (seeded random) images of `source`."""
     sharding, encode, _, _ = self._functions()
+    params = self._on_mesh(params)
     t = self.config.train
     n_proc, pid = jax.process_count(), jax.process_index()
     local_bs = t.batch_size // n_proc
@@ -134,6 +145,16 @@ class FrozenEncoderEvaluation:
 
   def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
     ev = self.config.evaluation
+    metrics = self.probes(params)
+    if ev.reconstructions:
+      self.save_reconstructions(params, os.path.join(
+          workdir, "reconstructions", f"step_{step:06d}.png"), ev.reconstructions, step)
+    return metrics
+
+  def probes(self, params) -> dict[str, float]:
+    """Linear probe / k-NN / k-means NMI of the frozen encoder, when both splits have
+    labels and evaluation.probe is on; {} otherwise (and on processes other than 0)."""
+    ev = self.config.evaluation
     metrics = {}
     if ev.probe and self.train_src.has_labels and self.eval_src.has_labels:
       train_x, train_y = self.features(params, self.train_src, ev.probe_train_examples or None)
@@ -142,9 +163,6 @@ class FrozenEncoderEvaluation:
         from tx_jax.analysis.probe import probe_metrics  # pylint: disable=g-import-not-at-top
         metrics.update(probe_metrics(train_x, train_y, test_x, test_y, knn_k=ev.knn_k,
                                      seed=self.config.train.seed))
-    if ev.reconstructions:
-      self.save_reconstructions(params, os.path.join(
-          workdir, "reconstructions", f"step_{step:06d}.png"), ev.reconstructions, step)
     return metrics
 
   def save_reconstructions(self, params, path: str, count: int, step: int):
