@@ -18,7 +18,9 @@ import pytest
 from tx_jax import cli, parallel
 from tx_jax.errors import UserError
 from tx_jax.models import TransformerConfig
+from tx_jax.models.vit import vit_configs
 from tx_jax.objectives.causal_lm import CausalLM
+from tx_jax.objectives.mae import MAEObjective
 from tx_jax.objectives.masked_lm import MaskedLM
 from tx_jax.objectives.span_corruption import SpanCorruption
 from tx_jax.train import optim, step as step_lib
@@ -101,7 +103,12 @@ def span_batch(objective):
   return batch
 
 
-FAMILIES = ["decoder", "encoder", "encoder_decoder"]
+FAMILIES = ["decoder", "encoder", "encoder_decoder", "mae"]
+# MAE's first gradient is dominated by the pixel readout: the encoder's query biases
+# get ~3e-7 of its norm (real signal; the key biases' ~1e-13 is rounding noise), and
+# Adam (eps 1e-3) moves the encoder's kernels by ~1e-3 relative.
+NOISE_BELOW = {"mae": 1e-9}
+MOVED_ABOVE = {"mae": 1e-4}
 
 
 def family(name):
@@ -113,6 +120,14 @@ def family(name):
   if name == "encoder":  # BERT-style: post-LN, separate readout
     cfg = TransformerConfig(**tiny, pre_norm=False, tie_embeddings=False)
     return MaskedLM(cfg, np.ones(V, np.float32)), mlm_batch(rng)
+  if name == "mae":  # ViT on 8x8 images, 2x2 patches, 75% masked per example; 16-wide decoder
+    enc, vit, dec = vit_configs(dict(
+        image_size=8, patch_size=2, channels=1, num_layers=1, d_model=32, num_heads=4,
+        mlp_dim=64, decoder_num_layers=1, decoder_d_model=16, decoder_num_heads=2,
+        decoder_mlp_dim=32))
+    images = rng.normal(size=(B, 8, 8, 1)).astype(np.float32)
+    return (MAEObjective(enc, vit=vit, decoder=dec),
+            {"image": images, "valid": np.ones(B, np.float32)})
   # T5-style: relative position bias, RMSNorm, no biases, shared embeddings
   cfg = TransformerConfig(**{**tiny, "max_len": 0}, num_encoder_layers=1, positions="relative",
                           norm="rmsnorm", use_bias=False)
@@ -169,12 +184,14 @@ def rel(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-def assert_close_trees(new_grads, ref_grads, new_params=None, ref_params=None):
+def assert_close_trees(new_grads, ref_grads, new_params=None, ref_params=None,
+                       noise_below=1e-6):
   """Each gradient (and updated parameter) tensor within 1e-5 relative error.
 
   A gradient that is exactly zero in real arithmetic (the attention key bias:
   softmax ignores a constant added to every score) is pure rounding noise,
-  which Adam scales up to +-lr on any device count; it must stay noise.
+  which Adam scales up to +-lr on any device count; it must stay noise
+  (below noise_below x the global gradient norm).
   """
   g_norm = float(optax.tree.norm(ref_grads))
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ref_grads)]
@@ -182,8 +199,8 @@ def assert_close_trees(new_grads, ref_grads, new_params=None, ref_params=None):
   noise = []
   for key, gn, gr, pn, pr in zip(paths, leaves(new_grads), leaves(ref_grads),
                                  leaves(new_params), leaves(ref_params)):
-    if np.linalg.norm(gr) < 1e-6 * g_norm:
-      assert np.linalg.norm(gn) < 1e-6 * g_norm, key
+    if np.linalg.norm(gr) < noise_below * g_norm:
+      assert np.linalg.norm(gn) < noise_below * g_norm, key
       noise.append(key)
       continue
     assert rel(gn, gr) <= 1e-5, key
@@ -199,12 +216,13 @@ def test_train_step_on_mesh_equals_single_device(name, shape):
   _, new, m, _ = train_step(name, shape)
   assert rel(m["train/loss"], ref_m["train/loss"]) <= 1e-5
   assert rel(m["grad_norm"], ref_m["grad_norm"]) <= 1e-5
-  assert_close_trees(adam_mu(new), adam_mu(ref), new.params, ref.params)
+  assert_close_trees(adam_mu(new), adam_mu(ref), new.params, ref.params,
+                     NOISE_BELOW.get(name, 1e-6))
   assert int(new.step) == 1 and int(new.skipped) == 0
   # The update really moved every large parameter (so the comparison means something).
   for a, b in zip(jax.tree_util.tree_leaves(ref.params), jax.tree_util.tree_leaves(start.params)):
     if a.size >= 512:
-      assert rel(a, b) > 1e-3
+      assert rel(a, b) > MOVED_ABOVE.get(name, 1e-3)
 
 
 # --- Parameters are split as the rules say (measured on the devices) ------------------------

@@ -174,6 +174,9 @@ def cmd_eval(args, _):
   sharding = parallel.batch_sharding(mesh, parallel.resolve_rules(config.mesh.rules))
   metrics = loop.evaluate(jax.jit(make_eval_step(exp.objective)), trained.params,
                           exp.eval_batches(), sharding, exp.objective.summarize)
+  probes = getattr(exp.extra_eval, "probes", None)  # frozen-encoder probes (MAE)
+  if probes is not None:
+    metrics.update(probes(trained.params))
   print(json.dumps({"step": trained.step, **{f"eval/{k}": v for k, v in metrics.items()}}))
 
 

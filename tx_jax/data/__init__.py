@@ -7,6 +7,12 @@ from tx_jax.data.corpora import digits
 from tx_jax.data.corpora import python_docs
 from tx_jax.data.corpora import stdlib_docstrings
 from tx_jax.data.doc_policy import DocPolicy
+from tx_jax.data.images import image_eval_batches
+from tx_jax.data.images import image_train_eval_sources
+from tx_jax.data.images import image_train_iterator
+from tx_jax.data.images import ImageSource
+from tx_jax.data.images import open_image_source
+from tx_jax.data.images import Preprocess
 from tx_jax.data.pipeline import LM_KEYS
 from tx_jax.data.pipeline import LMIterator
 from tx_jax.data.pipeline import lm_eval_batches

@@ -384,13 +384,13 @@ def tfds_fields(name: str, features) -> tuple[str, str | None]:
   return text_key, label_key
 
 
-def _open_tfds(spec: str, policy: DocPolicy) -> TextSource:
+def tfds_data_source(spec: str, example: str = "tfds:imdb_reviews:train"):
+  """(`tfds.data_source` of `tfds:NAME[/CONFIG]:SPLIT`, NAME, SPLIT); UserError if unusable."""
   rest = spec[len("tfds:"):]
   name, sep, split = rest.partition(":")
   if not name or not sep or not split:
     raise UserError(
-        f"bad TFDS spec '{spec}'; use tfds:NAME[/CONFIG]:SPLIT, e.g. "
-        "tfds:imdb_reviews:train")
+        f"bad TFDS spec '{spec}'; use tfds:NAME[/CONFIG]:SPLIT, e.g. {example}")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = os.environ.get("TFDS_DATA_DIR") or None
   try:
@@ -412,6 +412,11 @@ def _open_tfds(spec: str, policy: DocPolicy) -> TextSource:
         f"{data_dir or _tfds_data_dir()} ({type(e).__name__}); prepare it once "
         f"with `tfds build {name} --file_format=array_record` or set "
         "TFDS_DATA_DIR to where it is") from None
+  return ds, name, split
+
+
+def _open_tfds(spec: str, policy: DocPolicy) -> TextSource:
+  ds, name, split = tfds_data_source(spec)
   features = ds.dataset_info.features
   text_key, label_key = tfds_fields(name, features)
   label_names = None

@@ -14,7 +14,7 @@ from tx_jax.objectives import get_objective
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
 from tx_jax.train import optim, step as step_lib
-from tx_jax.train.setup import init_state, state_shapes
+from tx_jax.train.setup import init_state, make_objective, state_shapes
 
 
 def synthetic_lm_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -30,8 +30,11 @@ def benchmark(config, steps: int = 20) -> dict:
   """Times `steps` jitted train steps after one compile; returns one JSON-able dict."""
   config_lib.check_config(config)
   cfg = config_lib.model_config(config)
-  objective = get_objective(config.objective)(cfg, np.ones(cfg.vocab_size, np.float32))
-  seq_len, batch_size = config.data.seq_len, config.train.batch_size
+  if get_objective(config.objective).data_kind == "images":
+    objective = make_objective(config, None)
+  else:
+    objective = get_objective(config.objective)(cfg, np.ones(cfg.vocab_size, np.float32))
+  seq_len, batch_size = config.data.get("seq_len", 0), config.train.batch_size
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.resolve_rules(config.mesh.rules)
   tx = optim.make_optimizer(config.optim, max(config.train.steps, steps + 1))
@@ -55,6 +58,16 @@ def benchmark(config, steps: int = 20) -> dict:
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
+  if objective.unit == "images":
+    images_per_s = batch_size / step_s
+    flops_per_image = objective.flops_per_token(state.params)
+    peak = metrics_lib.measure_peak_flops(cfg.dtype) * jax.device_count()
+    return {"images_per_s": images_per_s, "step_ms": step_s * 1e3,
+            "flops_per_image": flops_per_image, "mfu": images_per_s * flops_per_image / peak,
+            "peak_flops": peak, "compile_s": compile_s, "devices": jax.device_count(),
+            "platform": jax.devices()[0].platform, "dtype": cfg.dtype,
+            "batch_size": batch_size, "image_size": objective.vit.image_size,
+            "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params)))}
   tokens_per_s = batch_size * seq_len / step_s
   flops_per_token = objective.flops_per_token(state.params, seq_len)
   peak = metrics_lib.measure_peak_flops(cfg.dtype) * jax.device_count()

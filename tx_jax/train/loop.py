@@ -178,6 +178,8 @@ def train(config, workdir: str) -> dict:
       if done % t.eval_every == 0 or done == total_steps:
         last_eval = evaluate(eval_step, state.params, exp.eval_batches(), batch_sharding,
                              exp.objective.summarize)
+        if exp.extra_eval is not None:
+          last_eval.update(exp.extra_eval(state.params, done, workdir))
         writer.write(done, {f"eval/{k}": v for k, v in last_eval.items()})
         if _is_main():
           progress.write(f"step {done}: " + " ".join(f"eval/{k}={v:.4f}" for k, v in

@@ -40,10 +40,13 @@ class Experiment:
   eval_batches: Callable[[], Iterator[dict]]
   lr: Callable[[int], float]
   data_stats: dict = dataclasses.field(default_factory=dict)  # what the DocPolicy did
+  # Optional evaluation beyond the loss (probes, images): (params, step, workdir)
+  # -> metrics, logged as eval/<name> at every eval.
+  extra_eval: Callable[[object, int, str], dict] | None = None
 
   def meta(self) -> dict:
     return {"objective": self.config.objective, "model": self.config.model.to_dict(),
-            "tokenizer": self.tokenizer.fingerprint()}
+            "tokenizer": self.tokenizer.fingerprint() if self.tokenizer else None}
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -103,6 +106,9 @@ def make_objective(config, tok, **extra):
   if unknown:
     raise UserError(f"objective_options {unknown} are not options of {config.objective!r}; "
                     f"it takes {sorted(set(accepted) - {'model_cfg', 'token_bytes'})}")
+  if cls.data_kind == "images":  # ViT configs from config.model, inputs from config.data
+    from tx_jax.train import experiments_images  # imports this module
+    return experiments_images.image_objective(cls, config, options, extra)
   return cls(config_lib.model_config(config), _padded_bytes(tok, config.model.vocab_size),
              **options, **extra)
 
@@ -170,11 +176,16 @@ def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
   return table
 
 
+def uses_tokenizer(config) -> bool:
+  return get_objective(config.objective).data_kind != "images"
+
+
 _KNOWN: dict[str, Callable | str] = {
     "causal_lm": _lm_experiment,
     "masked_lm": "tx_jax.train.experiments_text:masked_lm_experiment",
     "span_corruption": "tx_jax.train.experiments_text:span_corruption_experiment",
     "seq2seq": "tx_jax.train.experiments_text:seq2seq_experiment",
+    "mae": "tx_jax.train.experiments_images:mae_experiment",
 }
 
 
@@ -234,7 +245,7 @@ def load_trained(workdir: str, mesh=None) -> Trained:
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir!r} does not exist; train first with tx-jax train")
   config = config_lib.load_workdir_config(workdir)
-  tok = get_tokenizer(config, workdir, create=False)
+  tok = get_tokenizer(config, workdir, create=False) if uses_tokenizer(config) else None
   objective = make_objective(config, tok)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
@@ -252,6 +263,6 @@ def load_trained(workdir: str, mesh=None) -> Trained:
     abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), shardings)
     checkpointer.check_compatible(step, abstract, {
         "objective": config.objective, "model": config.model.to_dict(),
-        "tokenizer": tok.fingerprint()})
+        "tokenizer": tok.fingerprint() if tok else None})
     state, _ = checkpointer.restore(step, abstract)
   return Trained(config, tok, objective, state.params, step)
