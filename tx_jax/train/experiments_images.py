@@ -186,8 +186,11 @@ class FrozenEncoderEvaluation:
     from tx_jax.analysis.image_grid import save_image_grid  # pylint: disable=g-import-not-at-top
     mean, std = np.asarray(self.prep.mean, np.float32), np.asarray(self.prep.std, np.float32)
     shown = lambda x: np.asarray(x) * std + mean                           # back to [0, 1]
+    mask = np.asarray(mask)                                                # 1 = masked
     save_image_grid(path, {"original": shown(originals), "masked": shown(originals),
-                           "reconstruction": shown(rebuilt)},
+                           "reconstruction": shown(rebuilt),
+                           # as in the MAE paper's figures: the visible patches pasted back
+                           "+ visible": shown(np.where(mask > 0, rebuilt, originals))},
                     title=f"step {step}: {self.objective.mask_ratio:.0%} of patches masked "
                           "(held-out images)",
-                    highlight={"masked": np.asarray(mask)})
+                    highlight={"masked": mask})
