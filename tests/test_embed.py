@@ -207,6 +207,26 @@ def test_embed_cli_writes_ids_texts_labels(trained, tmp_path):
   assert {"nmi", "ari", "purity"} <= set(report["metrics"]) and report["k"] == 3
 
 
+def test_embed_social_media_from_tfds(trained, tmp_path, monkeypatch):
+  """tfds:sentiment140 (tweets) and tfds:reddit (posts by subreddit), via data_source."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  _, wd, _ = trained
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  with tfds.testing.mock_data(num_examples=12):
+    for spec, key in [("tfds:sentiment140:train", "polarity"), ("tfds:reddit:train", "subreddit")]:
+      out = str(tmp_path / "s.npz")
+      summary = embed.embed_workdir(wd, spec, out, batch_size=8, progress=False)
+      raw = sources.open_source(spec).data_source
+      with np.load(out, allow_pickle=False) as z:
+        assert summary["n"] == 12 and z["embeddings"].shape == (12, 32)
+        assert np.isfinite(z["embeddings"]).all()
+        assert list(z["texts"]) == [sources._as_python(raw[i]["text" if key == "polarity"
+                                                           else "content"])[:2000]
+                                    for i in range(12)]
+        assert list(z["labels"]) == [sources._as_python(raw[i][key]) for i in range(12)]
+  assert "tensorflow" not in sys.modules
+
+
 def _bad_cases(tmp_path, wd, data):
   (tmp_path / "empty.csv").write_text("")
   _write_csv(tmp_path / "notext.csv", [{"body": "hello", "label": "a"}], ("body", "label"))

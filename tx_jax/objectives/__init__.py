@@ -13,6 +13,7 @@ import importlib
 
 OBJECTIVES = {
     "causal_lm": "tx_jax.objectives.causal_lm:CausalLM",
+    "contrastive": "tx_jax.objectives.contrastive:SpanContrastive",
 }
 
 

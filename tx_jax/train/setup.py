@@ -121,7 +121,13 @@ def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
   return table
 
 
-_KNOWN: dict[str, Callable] = {"causal_lm": _lm_experiment}
+def _contrastive_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
+  from tx_jax.train import contrastive_experiment  # imports this module
+  return contrastive_experiment.contrastive_experiment(config, workdir, create_tokenizer)
+
+
+_KNOWN: dict[str, Callable] = {"causal_lm": _lm_experiment,
+                               "contrastive": _contrastive_experiment}
 
 
 def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> TrainState:
