@@ -24,6 +24,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown size {arg!r}; use tiny")
   c = ml_collections.ConfigDict()
   c.objective = "contrastive"
+  c.objective_options = ml_collections.ConfigDict(dict(temperature=0.05))  # InfoNCE
   # A bidirectional Encoder; 2 layers, d 128: minutes on 2 CPU cores.
   c.model = ml_collections.ConfigDict(dataclasses.asdict(TransformerConfig(
       vocab_size=2000, num_layers=2, d_model=128, num_heads=2, mlp_dim=512, max_len=64,
@@ -33,7 +34,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       source="embedded:stdlib-docstrings", eval_source="", tokenizer="spm-train:2000",
       seq_len=64,         # the longest span, and the context `tx-jax embed` uses
       min_span=8,         # the shortest span (tokens), unless the document is shorter
-      temperature=0.05,   # InfoNCE temperature
       eval_batches=0))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -33,10 +33,14 @@ pretraining resumes from its last checkpoint."""
 
 
 def _add_distributed_flags(p):
-  g = p.add_argument_group("multi-host (passed to jax.distributed.initialize)")
+  g = p.add_argument_group("multi-host (passed to jax.distributed.initialize; without them "
+                           "JAX auto-detects Cloud TPU VMs, SLURM and Open MPI)")
   g.add_argument("--coordinator-address", help="HOST:PORT of process 0")
   g.add_argument("--num-processes", type=int)
   g.add_argument("--process-id", type=int)
+  g.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+                 help="a process silent this long is declared dead and the others stop "
+                      "(default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,15 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--data", help="data spec to evaluate on (default: the held-out split)")
 
-  p = sub.add_parser("generate", help="sample text from a trained decoder")
+  p = sub.add_parser("generate", help="sample text from a trained decoder (or decode a "
+                                       "trained encoder-decoder's target)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=int, default=None,
+                 help="default: fill the model's context")
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--top-p", type=float, default=0.95)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num-samples", type=int, default=1)
+  p.add_argument("--beam-size", type=int, default=1,
+                 help="encoder-decoder workdirs: 1 = greedy, >1 = beam search")
+  p.add_argument("--length-penalty", type=float, default=0.6,
+                 help="beam search: scores are log p / ((5 + length) / 6) ** this")
 
   p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on a data spec")
   p.add_argument("--data", required=True)
@@ -126,20 +136,10 @@ def _add_analyze_flags(p):
 
 
 def _init_distributed(args):
-  """jax.distributed from flags, or JAX's auto-detection on TPU VMs / SLURM."""
-  import jax
-  if args.coordinator_address or args.num_processes or args.process_id is not None:
-    if not (args.coordinator_address and args.num_processes and args.process_id is not None):
-      from tx_jax.errors import UserError
-      raise UserError("multi-host needs all of --coordinator-address, --num-processes and "
-                      "--process-id")
-    # Only affects the CPU backend: cross-process CPU collectives need gloo.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
-                               process_id=args.process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
-      "TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()
+  """jax.distributed from flags / env, or JAX's auto-detection on TPU VMs / SLURM."""
+  from tx_jax import parallel
+  parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                  args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
 
 
 def _config_from(args, overrides):
@@ -181,11 +181,26 @@ def cmd_generate(args, _):
   from tx_jax.errors import UserError
   from tx_jax.generate import generate_text
   from tx_jax.train import setup
-  if args.max_new_tokens <= 0 or args.num_samples <= 0:
+  if (args.max_new_tokens is not None and args.max_new_tokens <= 0) or args.num_samples <= 0:
     raise UserError("--max-new-tokens and --num-samples must be positive")
   if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
     raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+  try:
+    args.prompt.encode("utf-8")
+  except UnicodeEncodeError:
+    raise UserError("--prompt is not valid UTF-8; pass UTF-8 text") from None
   trained = setup.load_trained(args.workdir)
+  from tx_jax.models import DecoderLM, EncoderDecoder
+  if isinstance(trained.objective.model, EncoderDecoder):
+    from tx_jax.generate import generate_seq2seq
+    print(generate_seq2seq(trained, args.prompt, max_new_tokens=args.max_new_tokens,
+                           beam_size=args.beam_size, alpha=args.length_penalty))
+    return
+  if not isinstance(trained.objective.model, DecoderLM):
+    raise UserError(f"{args.workdir!r} holds a {trained.config.objective} model, which does not "
+                    "generate text; use a causal_lm or encoder-decoder workdir")
+  if args.beam_size != 1:
+    raise UserError("--beam-size is for encoder-decoder workdirs; decoders sample")
   for text in generate_text(trained, args.prompt, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, num_samples=args.num_samples):
@@ -376,7 +391,8 @@ def main(argv=None) -> int:
   try:
     COMMANDS[args.command](args, overrides)
   except UserError as e:
-    sys.stderr.write(f"tx-jax: error: {e}\n")
+    message = " ".join(str(e).split("\n"))  # always one line
+    sys.stderr.write(f"tx-jax: error: {message}\n")
     return 2
   except KeyboardInterrupt:
     sys.stderr.write("tx-jax: interrupted\n")

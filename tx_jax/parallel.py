@@ -8,7 +8,11 @@ beyond those names.
 
 from __future__ import annotations
 
+import ast
+import glob
+import json
 import math
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -35,20 +39,40 @@ RULE_PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
 
 
 def resolve_rules(rules: str | Sequence) -> tuple[tuple[str, Any], ...]:
-  """A preset name or an explicit list of (logical, mesh axes) pairs, checked."""
+  """A preset name or a list of [logical, mesh axes] pairs, checked.
+
+  The list may also come as JSON or Python text (e.g. from
+  `--config.mesh.rules='[["embed", "fsdp"]]'`); a mesh axis of None (null) or []
+  leaves that logical axis replicated.
+  """
   if isinstance(rules, str):
-    if rules not in RULE_PRESETS:
+    if rules in RULE_PRESETS:
+      return RULE_PRESETS[rules]
+    if not rules.lstrip().startswith(("[", "(")):
       raise UserError(f"mesh.rules={rules!r} is not a preset; choose one of "
                       f"{sorted(RULE_PRESETS)} or give a list of [logical, mesh_axis] pairs")
-    return RULE_PRESETS[rules]
+    try:
+      rules = json.loads(rules)
+    except ValueError:
+      pass
+    try:
+      rules = ast.literal_eval(rules) if isinstance(rules, str) else rules
+    except (ValueError, SyntaxError):
+      raise UserError(f"mesh.rules={rules!r} is not a list of [logical, mesh_axis] pairs, "
+                      'e.g. [["act_batch", ["data", "fsdp"]], ["embed", "fsdp"]]') from None
   out = []
   for pair in rules:
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+        or not isinstance(pair[0], str)):
+      raise UserError(f"mesh rule {pair!r} is not a [logical_name, mesh_axis] pair")
     logical, axes = pair
-    for axis in (axes,) if isinstance(axes, str) or axes is None else axes:
+    names = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
+    for axis in names:
       if axis is not None and axis not in MESH_AXES:
         raise UserError(f"mesh rule for {logical!r} names unknown mesh axis {axis!r}; "
                         f"mesh axes are {MESH_AXES}")
-    out.append((logical, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    names = tuple(a for a in names if a is not None)
+    out.append((logical, names[0] if len(names) == 1 else names or None))
   return tuple(out)
 
 
@@ -122,6 +146,27 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def check_process_rows(sharding: NamedSharding, batch_size: int):
+  """Each process must hold its own 1/process_count of the batch rows.
+
+  Every host reads a different slice of the data, so a mesh that replicates
+  the batch across processes (e.g. `tensor` spanning hosts while the batch is
+  split only over `data`) would mix different rows into one "replicated" array.
+  """
+  n = jax.process_count()
+  if n == 1:
+    return
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  if len(rows) != batch_size // n:
+    raise UserError(f"with mesh {dict(sharding.mesh.shape)} and act_batch -> "
+                    f"{sharding.spec[0]}, process {jax.process_index()} would hold {len(rows)} "
+                    f"of {batch_size} batch rows instead of its own {batch_size // n}: split the "
+                    f"batch over axes that span all {n} processes (e.g. raise mesh.data or "
+                    f"mesh.fsdp, keep mesh.tensor within one host)")
+
+
 def bytes_per_device(tree) -> dict[int, int]:
   """Measured bytes held on each device by a pytree of jax.Arrays."""
   out: dict[int, int] = {}
@@ -135,3 +180,69 @@ def strip_boxes(tree):
   """Removes nn.Partitioned boxes without applying sharding constraints."""
   return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
                                 is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+# --- Multi-process jobs ----------------------------------------------------------
+
+def _cluster_detected() -> bool:
+  """Whether JAX's own cluster detection should run (TPU VM, SLURM, Open MPI, GKE)."""
+  env = os.environ
+  if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True
+  # A Cloud TPU VM: Google's PCI vendor id on an accelerator (what libtpu looks for).
+  # jax.distributed then reads the slice's workers from the VM metadata.
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == "0x1ae0":
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           *, heartbeat_timeout_s: int = 60,
+                           init_timeout_s: int = 300) -> bool:
+  """Joins a multi-process job through `jax.distributed.initialize`; True if it did.
+
+  Explicit arguments (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID) must come together. Without them JAX's auto-detection runs
+  on Cloud TPU VMs, under SLURM / Open MPI and on GKE TPU; elsewhere nothing
+  happens (one process). A process that stops sending heartbeats for
+  heartbeat_timeout_s is declared dead and the others fail instead of hanging.
+  Must run before anything touches a JAX device.
+  """
+  env = os.environ
+  coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+  if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+    num_processes = int(env["JAX_NUM_PROCESSES"])
+  if process_id is None and env.get("JAX_PROCESS_ID"):
+    process_id = int(env["JAX_PROCESS_ID"])
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(x is not None for x in explicit):
+    if any(x is None for x in explicit):
+      raise UserError("multi-host needs all of --coordinator-address, --num-processes and "
+                      "--process-id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                      "JAX_PROCESS_ID)")
+    if not 0 <= process_id < num_processes:
+      raise UserError(f"--process-id={process_id} must be in 0..{num_processes - 1}")
+  elif not _cluster_detected():
+    return False
+  if heartbeat_timeout_s <= 0:
+    raise UserError(f"--heartbeat-timeout must be positive, got {heartbeat_timeout_s}")
+  # Cross-process collectives on the CPU backend need gloo (no effect on TPU/GPU).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=init_timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+  except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"could not join the multi-process job (coordinator "
+                    f"{coordinator_address or 'auto-detected'}): {first}; start every process "
+                    "with the same --coordinator-address and --num-processes") from None
+  return True

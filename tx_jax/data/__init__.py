@@ -6,6 +6,7 @@ Imports neither tx_jax.models nor tx_jax.train, and never TensorFlow.
 from tx_jax.data.corpora import digits
 from tx_jax.data.corpora import python_docs
 from tx_jax.data.corpora import stdlib_docstrings
+from tx_jax.data.doc_policy import DocPolicy
 from tx_jax.data.pipeline import LM_KEYS
 from tx_jax.data.pipeline import LMIterator
 from tx_jax.data.pipeline import lm_eval_batches

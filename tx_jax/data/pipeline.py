@@ -204,6 +204,34 @@ def lm_train_iterator(
   return LMIterator(iter(ds), config)
 
 
+class ConcatRows(grain.DatasetIterator):
+  """Train iterators side by side: each batch stacks their batches' rows in order.
+
+  A process that reads data shards k..k+m-1 of S yields exactly the rows those
+  shards contribute to the global batch, so the global batch does not depend
+  on how many processes share the S shards.
+  """
+
+  def __init__(self, iterators: list[grain.DatasetIterator]):
+    super().__init__(list(iterators))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(it) for it in self._parents]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": [it.get_state() for it in self._parents]}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or len(state.get("shards", ())) != len(self._parents):
+      raise UserError(
+          "the saved data iterator state was written with a different number of data "
+          "shards per process; restore data.shards and the process count, or start "
+          "from a fresh workdir")
+    for it, shard_state in zip(self._parents, state["shards"]):
+      it.set_state(shard_state)
+
+
 def lm_eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int,
                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """One deterministic pass over every document of `source`, in order.

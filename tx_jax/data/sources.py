@@ -9,6 +9,11 @@ Specs:
 A `TextSource` has `len(src)` and `src[i] -> {"text": str}` plus `"label"` when
 `src.has_labels`. When `src.label_names` is a list, labels are ints indexing it;
 otherwise (some TFDS sets) they are the raw values (int or str).
+
+A `DocPolicy` (from the `data.max_doc_len`, `data.over_length` and
+`data.invalid_utf8` config keys) decides what happens to over-long documents
+and invalid UTF-8; file and embedded sources apply it when they are read and
+count what they did in `src.stats`.
 """
 
 from collections.abc import Sequence
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tx_jax.data import corpora
+from tx_jax.data.doc_policy import DocPolicy, apply_policy
 from tx_jax.errors import UserError
 
 SPEC_FORMS = (
@@ -36,6 +42,11 @@ class TextSource:
   name: str = "source"
   has_labels: bool = False
   label_names: list[str] | None = None
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """Counts of what the DocPolicy did while reading (empty if nothing was counted)."""
+    return getattr(self, "_stats", {})
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -97,9 +108,19 @@ class SubsetSource(TextSource):
   def __getitem__(self, index):
     return self.parent[self.parent_index(index)]
 
+  @property
+  def stats(self):
+    return self.parent.stats
 
-def _labelled(texts: list[str], raw_labels: list[Any] | None, name: str):
-  """ListSource with labels mapped to ints over their sorted distinct values."""
+
+def _labelled(texts: list[str], raw_labels: list[Any] | None, name: str,
+              policy: DocPolicy | None = None):
+  """ListSource (labels mapped to ints over their sorted distinct values), after `policy`."""
+  if policy is not None:
+    texts, raw_labels, stats = apply_policy(texts, raw_labels, policy, name)
+    source = _labelled(texts, raw_labels, name)
+    source._stats = stats
+    return source
   if raw_labels is None:
     return ListSource(texts, name=name)
   distinct = set(raw_labels)
@@ -117,15 +138,15 @@ def _labelled(texts: list[str], raw_labels: list[Any] | None, name: str):
 # --------------------------------------------------------------------- embedded
 
 
-def _open_embedded(spec: str) -> TextSource:
+def _open_embedded(spec: str, policy: DocPolicy) -> TextSource:
   _, _, rest = spec.partition(":")
   name, _, split = rest.partition(":")
   if name == "python-docs":
     split = split or "train"
-    return ListSource(corpora.python_docs(split), name=f"python-docs:{split}")
+    return _labelled(corpora.python_docs(split), None, f"python-docs:{split}", policy)
   if name == "stdlib-docstrings" and not split:
     texts, labels = corpora.stdlib_docstrings()
-    return _labelled(texts, labels, "stdlib-docstrings")
+    return _labelled(texts, labels, "stdlib-docstrings", policy)
   if name == "digits" and not split:
     raise UserError(
         "embedded:digits is an image dataset, not text; use it with an image "
@@ -138,8 +159,11 @@ def _open_embedded(spec: str) -> TextSource:
 # ------------------------------------------------------------------------ files
 
 
-def _read_utf8(path: str) -> str:
-  """File contents as text; one-line UserError for missing/empty/non-UTF-8."""
+def _read_utf8(path: str, strict: bool = True) -> str:
+  """File contents as text; one-line UserError for missing/empty/non-UTF-8.
+
+  strict=False keeps undecodable bytes as surrogate escapes for apply_policy.
+  """
   if not os.path.exists(path):
     raise UserError(f"data file '{path}' does not exist; check the path in file:PATH")
   if os.path.isdir(path):
@@ -150,6 +174,8 @@ def _read_utf8(path: str) -> str:
     data = f.read()
   if not data.strip():
     raise UserError(f"data file '{path}' is empty; it needs at least one document")
+  if not strict:
+    return data.decode("utf-8-sig", errors="surrogateescape")
   try:
     return data.decode("utf-8-sig")  # Tolerates a BOM from Windows editors.
   except UnicodeDecodeError as e:
@@ -157,7 +183,7 @@ def _read_utf8(path: str) -> str:
     raise UserError(
         f"data file '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
         f"{e.start}, line {line}); re-encode it as UTF-8, e.g. `iconv -f "
-        "latin1 -t utf-8`") from None
+        "latin1 -t utf-8`, or set data.invalid_utf8=replace or skip") from None
 
 
 def _read_txt(path: str, text: str):
@@ -249,18 +275,25 @@ def _read_csv(path: str, text: str):
 _FILE_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
 
 
-def _open_file(path: str) -> TextSource:
+def _open_file(path: str, policy: DocPolicy) -> TextSource:
   path = os.path.expanduser(path)
   ext = os.path.splitext(path)[1].lower()
   if ext not in _FILE_READERS:
     raise UserError(
         f"unsupported data file '{path}'; use a .txt (one document per line "
         "or blank-line separated), .jsonl or .csv file")
-  texts, labels = _FILE_READERS[ext](path, _read_utf8(path))
+  text = _read_utf8(path, strict=policy.invalid_utf8 == "error")
+  texts, labels = _FILE_READERS[ext](path, text)
   if not texts:
     raise UserError(
         f"data file '{path}' has no non-empty documents; it needs at least one")
-  return _labelled(texts, labels, f"file:{path}")
+  source = _labelled(texts, labels, f"file:{path}", policy)
+  if not len(source):
+    raise UserError(
+        f"data file '{path}' has no documents left after skipping "
+        f"{source.stats['invalid_utf8_skipped']} with invalid UTF-8 "
+        "(data.invalid_utf8=skip); re-encode it as UTF-8 or use replace")
+  return source
 
 
 # ------------------------------------------------------------------------- TFDS
@@ -297,7 +330,8 @@ class TfdsSource(TextSource):
   """A `tfds.data_source` with records mapped to {"text", "label"}."""
 
   def __init__(self, data_source, text_key: str, label_key: str | None,
-               label_names: list[str] | None, name: str):
+               label_names: list[str] | None, name: str, truncate_at: int = 0):
+    self.truncate_at = truncate_at  # characters; 0: keep whole documents
     self.data_source = data_source
     self.text_key, self.label_key = text_key, label_key
     self.has_labels = label_key is not None
@@ -312,7 +346,8 @@ class TfdsSource(TextSource):
 
   def map_record(self, record: dict[str, Any]) -> dict[str, Any]:
     text = _as_python(record[self.text_key])
-    out = {"text": text if isinstance(text, str) else str(text)}
+    text = text if isinstance(text, str) else str(text)
+    out = {"text": text[:self.truncate_at] if self.truncate_at else text}
     if self.label_key is not None:
       out["label"] = _as_python(record[self.label_key])
     return out
@@ -349,7 +384,7 @@ def tfds_fields(name: str, features) -> tuple[str, str | None]:
   return text_key, label_key
 
 
-def _open_tfds(spec: str) -> TextSource:
+def _open_tfds(spec: str, policy: DocPolicy) -> TextSource:
   rest = spec[len("tfds:"):]
   name, sep, split = rest.partition(":")
   if not name or not sep or not split:
@@ -384,22 +419,24 @@ def _open_tfds(spec: str) -> TextSource:
     label_names = list(features[label_key].names)
   if len(ds) == 0:
     raise UserError(f"TFDS split '{split}' of '{name}' is empty; pick another split")
-  return TfdsSource(ds, text_key, label_key, label_names, spec)
+  truncate_at = policy.max_doc_len if policy.over_length == "truncate" else 0
+  return TfdsSource(ds, text_key, label_key, label_names, spec, truncate_at)
 
 
 # ------------------------------------------------------------------------- API
 
 
-def open_source(spec: str) -> TextSource:
+def open_source(spec: str, policy: DocPolicy | None = None) -> TextSource:
   """Opens a data spec (see module docstring) as a random-access TextSource."""
+  policy = policy or DocPolicy()
   if not isinstance(spec, str) or not spec:
     raise UserError(f"empty data spec; use one of: {SPEC_FORMS}")
   if spec.startswith("embedded:"):
-    return _open_embedded(spec)
+    return _open_embedded(spec, policy)
   if spec.startswith("file:"):
-    return _open_file(spec[len("file:"):])
+    return _open_file(spec[len("file:"):], policy)
   if spec.startswith("tfds:"):
-    return _open_tfds(spec)
+    return _open_tfds(spec, policy)
   raise UserError(f"unknown data spec '{spec}'; use one of: {SPEC_FORMS}")
 
 
@@ -426,12 +463,13 @@ def holdout_split(source: TextSource, eval_fraction: float = 0.05,
 
 
 def train_eval_sources(spec: str, eval_spec: str | None = None,
-                       eval_fraction: float = 0.05, seed: int = 0
+                       eval_fraction: float = 0.05, seed: int = 0,
+                       policy: DocPolicy | None = None
                        ) -> tuple[TextSource, TextSource]:
   """(train, eval) sources for a run: `eval_spec` if given, else the fixed
   python-docs eval split for `embedded:python-docs`, else `holdout_split`."""
   if eval_spec:
-    return open_source(spec), open_source(eval_spec)
+    return open_source(spec, policy), open_source(eval_spec, policy)
   if spec in ("embedded:python-docs", "embedded:python-docs:train"):
-    return open_source(spec), open_source("embedded:python-docs:eval")
-  return holdout_split(open_source(spec), eval_fraction, seed)
+    return open_source(spec, policy), open_source("embedded:python-docs:eval", policy)
+  return holdout_split(open_source(spec, policy), eval_fraction, seed)

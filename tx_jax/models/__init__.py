@@ -2,9 +2,11 @@
 
 from tx_jax.models.layers import (Attention, Block, Mlp, RelativePositionBias, Stack,
                                   TransformerConfig, attention_mask, rotary)
-from tx_jax.models.transformer import (DECODER_SIZES, DecoderLM, Encoder, count_params,
-                                       make_config, param_shapes)
+from tx_jax.models.transformer import (DECODER_SIZES, ENC_DEC_SIZES, ENCODER_SIZES, DecoderLM,
+                                       Encoder, EncoderDecoder, count_params, make_config,
+                                       param_shapes)
 
 __all__ = ["Attention", "Block", "Mlp", "RelativePositionBias", "Stack", "TransformerConfig",
-           "attention_mask", "rotary", "DECODER_SIZES", "DecoderLM", "Encoder",
+           "attention_mask", "rotary", "DECODER_SIZES", "ENC_DEC_SIZES", "ENCODER_SIZES",
+           "DecoderLM", "Encoder", "EncoderDecoder",
            "count_params", "make_config", "param_shapes"]

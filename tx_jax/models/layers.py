@@ -46,6 +46,7 @@ class TransformerConfig:
   gated_mlp: bool = False        # GLU-style MLP (e.g. SwiGLU with silu)
   use_bias: bool = True
   tie_embeddings: bool = True
+  share_embeddings: bool = True  # EncoderDecoder: one token table for encoder and decoder
   type_vocab_size: int = 0       # Encoder token-type (segment A/B) embeddings
   dtype: str = "float32"         # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"

@@ -13,6 +13,9 @@ import importlib
 
 OBJECTIVES = {
     "causal_lm": "tx_jax.objectives.causal_lm:CausalLM",
+    "masked_lm": "tx_jax.objectives.masked_lm:MaskedLM",
+    "span_corruption": "tx_jax.objectives.span_corruption:SpanCorruption",
+    "seq2seq": "tx_jax.objectives.span_corruption:Seq2Seq",
     "contrastive": "tx_jax.objectives.contrastive:SpanContrastive",
 }
 

@@ -41,7 +41,8 @@ def benchmark(config, steps: int = 20) -> dict:
     state = jax.jit(lambda: init_state(objective, tx, seq_len, 0), out_shardings=shardings)()
     step = jax.jit(step_lib.make_train_step(objective, tx, config.optim.accumulate_steps),
                    in_shardings=(shardings, batch_sharding), donate_argnums=0)
-    batch = parallel.global_batch(synthetic_lm_batch(batch_size, seq_len, cfg.vocab_size),
+    make_batch = getattr(objective, "synthetic_batch", synthetic_lm_batch)  # objective's own keys
+    batch = parallel.global_batch(make_batch(batch_size, seq_len, cfg.vocab_size),
                                   batch_sharding)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

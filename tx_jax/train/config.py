@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -32,6 +33,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     config = module.get_config(arg) if arg else module.get_config()
   except ValueError as e:
     raise UserError(f"config {spec!r}: {e}") from None
+  except Exception as e:  # the user's code again
+    raise UserError(f"config {spec!r}: get_config failed: {type(e).__name__}: {e}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"config {spec!r}: get_config returned a {type(config).__name__}, "
+                    "not an ml_collections.ConfigDict")
   config.lock()
   return config
 
@@ -99,6 +105,8 @@ def check_config(config):
   t = config.train
   for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
               "keep_checkpoints"):
+    if not isinstance(t[key], int) or isinstance(t[key], bool):
+      raise UserError(f"train.{key} must be an integer, got {t[key]!r}")
     if t[key] <= 0:
       raise UserError(f"train.{key} must be positive, got {t[key]}")
   if config.optim.accumulate_steps <= 0 or t.batch_size % config.optim.accumulate_steps:
@@ -107,8 +115,22 @@ def check_config(config):
   if "seq_len" in config.data and config.data.seq_len > config.model.max_len:
     raise UserError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
                     f"{config.model.max_len}; lower data.seq_len or raise model.max_len")
-  if config.optim.lr <= 0:
-    raise UserError(f"optim.lr must be positive, got {config.optim.lr}")
+  if not isinstance(config.optim.lr, (int, float)) or isinstance(config.optim.lr, bool):
+    raise UserError(f"optim.lr must be a number, got {config.optim.lr!r}")
+  if not (math.isfinite(config.optim.lr) and config.optim.lr > 0):
+    raise UserError(f"optim.lr must be a positive finite number, got {config.optim.lr}")
+  _check_choice(t, "train", "nonfinite", ("skip", "stop"))
+  if t.get("max_consecutive_skips", 1) < 1:
+    raise UserError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+  _check_choice(config.data, "data", "over_length", ("chunk", "truncate"))
+  _check_choice(config.data, "data", "invalid_utf8", ("error", "replace", "skip"))
+  if config.data.get("max_doc_len", 0) < 0:
+    raise UserError(f"data.max_doc_len must be >= 0 (0: no limit), got {config.data.max_doc_len}")
+
+
+def _check_choice(section, name: str, key: str, choices: tuple[str, ...]):
+  if key in section and section[key] not in choices:
+    raise UserError(f"{name}.{key}={section[key]!r} is not one of {list(choices)}")
 
 
 def save_json(config, path: str):
@@ -122,5 +144,9 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"{workdir!r} holds no config.json: is it a tx-jax train workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (ValueError, TypeError) as e:
+    raise UserError(f"{path!r} is not a valid config ({type(e).__name__}); the workdir is "
+                    "damaged: restore config.json or train in a new --workdir") from None

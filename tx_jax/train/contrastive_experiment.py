@@ -11,10 +11,8 @@ import jax
 
 from tx_jax.data import sources, spans
 from tx_jax.errors import UserError
-from tx_jax.objectives import get_objective
-from tx_jax.train import config as config_lib
 from tx_jax.train import optim
-from tx_jax.train.setup import Experiment, get_tokenizer
+from tx_jax.train.setup import Experiment, get_tokenizer, make_objective
 
 
 def contrastive_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
@@ -25,8 +23,7 @@ def contrastive_experiment(config, workdir: str, create_tokenizer: bool) -> Expe
   if config.model.vocab_size < tok.vocab_size:
     raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                     f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
-  objective = get_objective(config.objective)(config_lib.model_config(config), None,
-                                              temperature=d.get("temperature", 0.05))
+  objective = make_objective(config, tok)  # objective_options.temperature
   n_proc, pid = jax.process_count(), jax.process_index()
   local_bs = t.batch_size // n_proc
   min_span = d.get("min_span", 8)

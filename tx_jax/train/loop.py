@@ -1,26 +1,43 @@
 """The training loop: one linear function in labelled sections.
 
-config -> tokenizer/data -> objective/model -> mesh/shardings -> restore ->
-jitted step -> loop (log, eval, checkpoint) -> final checkpoint.
+config/mesh checks -> workdir -> data/model -> restore (verified, compatible)
+-> run records -> jitted steps -> loop (log, eval, checkpoint, graceful stop).
+
+What a run survives (details in checkpoint.py, preemption.py and step.py):
+- Bad input: everything a user can get wrong is checked before the workdir
+  changes, and a fresh workdir whose first run fails before its first
+  checkpoint is removed again, so the next run starts clean.
+- Kills and crashes: checkpoints are sealed with a manifest and verified on
+  restore; a run resumes from the newest intact one and loses only the steps
+  after it, bit-identically (data-iterator state is checkpointed too).
+- SIGTERM / SIGINT: the current step finishes, a checkpoint is written and
+  waited for, logs are flushed and the process exits 0; every process of a
+  multi-host job stops after the same step.
+- Non-finite loss or gradients: the jitted step skips the update and counts
+  it; after train.max_consecutive_skips skips in a row (the first one under
+  train.nonfinite="stop") the state halts. The host reads one scalar of it
+  only at log and checkpoint steps, stops with an error naming the step, and
+  never checkpoints a halted or non-finite state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tx_jax import parallel
 from tx_jax.errors import UserError
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
-from tx_jax.train import optim, step as step_lib
+from tx_jax.train import optim, preemption, step as step_lib
 from tx_jax.train.setup import build_experiment, init_state, state_shapes
 
 
@@ -41,21 +58,11 @@ def evaluate(eval_step, params, batches, batch_sharding, summarize) -> dict[str,
 
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last eval metrics."""
-  # --- Config and workdir --------------------------------------------------
+  # --- Config, mesh and batch (checked before the workdir is touched) -----------
   config_lib.check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  exp = build_experiment(config, workdir, create_tokenizer=True)
-  if _is_main():
-    config_lib.save_json(config, os.path.join(workdir, "config.json"))
   t, total_steps = config.train, config.train.steps
-
-  # --- Mesh and shardings ----------------------------------------------------
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.resolve_rules(config.mesh.rules)
-  tx = optim.make_optimizer(config.optim, total_steps)
-  boxed = state_shapes(exp.objective, tx, exp.init_len, t.seed)
-  state_shardings = parallel.logical_shardings(boxed, mesh, rules)
-  batch_sharding = parallel.batch_sharding(mesh, rules)
   dp = parallel.batch_axis_size(mesh, rules)
   if t.batch_size % (dp * config.optim.accumulate_steps):
     raise UserError(f"train.batch_size={t.batch_size} must divide evenly over {dp} data-parallel "
@@ -63,41 +70,85 @@ def train(config, workdir: str) -> dict:
   if t.batch_size % jax.process_count():
     raise UserError(f"train.batch_size={t.batch_size} must be a multiple of the "
                     f"{jax.process_count()} processes")
+  parallel.check_process_rows(parallel.batch_sharding(mesh, rules), t.batch_size)
+  if "://" in workdir:  # os / open() would write to a local directory named "gs:"
+    raise UserError(f"--workdir {workdir!r}: URLs are not supported; give a directory all "
+                    "hosts share (NFS, or the bucket mounted with gcsfuse)")
+  tx = optim.make_optimizer(config.optim, total_steps)
+  halt_after = 1 if t.get("nonfinite", "skip") == "stop" else t.get("max_consecutive_skips", 10)
 
-  # --- Restore or initialise (directly sharded: no full copy on one host) ----
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       keep=t.keep_checkpoints, async_save=t.async_checkpoints)
-  train_iter = exp.train_iterator()
-  start = checkpointer.latest_step()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with contextlib.ExitStack() as stack:  # closed in reverse: logs, signals, checkpoints
+    # --- Workdir, data and model ---------------------------------------------------
+    stack.enter_context(_removed_if_first_run_fails(workdir))
+    checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+        async_save=t.async_checkpoints))
+    if checkpointer.steps():
+      _check_same_tokenizer_spec(config, workdir)
+    exp = build_experiment(config, workdir, create_tokenizer=True)
+    boxed = state_shapes(exp.objective, tx, exp.init_len, t.seed)
+    state_shardings = parallel.logical_shardings(boxed, mesh, rules)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    peak = metrics_lib.measure_peak_flops(config.model.dtype) * jax.device_count()  # 1 device
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+
+    # --- Restore the newest intact checkpoint, or initialise (directly sharded) ----
+    train_iter = exp.train_iterator()
+    start, rejected = checkpointer.newest_good_step()
     if start is None:
       state = jax.jit(lambda: init_state(exp.objective, tx, exp.init_len, t.seed),
                       out_shardings=state_shardings)()
       start = 0
     else:
       abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), state_shardings)
-      state, data_state, _ = checkpointer.restore(start, abstract)
-      train_iter.set_state(data_state)
+      relaxed = checkpointer.check_compatible(start, abstract, exp.meta())
+      state, _ = checkpointer.restore(start, abstract, train_iter)
+      if relaxed:
+        print_main(f"resuming with changed {', '.join(relaxed)}")
+
+    # --- Run records (written only now that every input checked out) --------------
+    checkpointer.set_aside(rejected)  # so those steps can be written again
+    if _is_main():
+      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+      _write_json(os.path.join(workdir, "data_stats.json"), exp.data_stats)
+    _report_data_stats(exp.data_stats)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=_is_main())
+    stack.callback(writer.close)
     print_main(f"{'resuming from' if start else 'starting at'} step {start}; "
                f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)):,} parameters; "
                f"mesh {dict(mesh.shape)}")
 
-    # --- Steps ---------------------------------------------------------------
-    train_step = jax.jit(step_lib.make_train_step(exp.objective, tx, config.optim.accumulate_steps),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, parallel.replicated(mesh)),
-                         donate_argnums=0)
+    # --- Steps ------------------------------------------------------------------
+    train_step = jax.jit(
+        step_lib.make_train_step(exp.objective, tx, config.optim.accumulate_steps, halt_after),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(exp.objective),
                         in_shardings=(state_shardings.params, batch_sharding))
-    writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=_is_main())
-    peak = metrics_lib.measure_peak_flops(config.model.dtype) * jax.device_count()
+    health = jax.jit(_health, out_shardings=parallel.replicated(mesh))
     flops_per_unit = None
 
-    # --- Loop ------------------------------------------------------------------
+    def save_checkpoint(done: int):
+      """Checkpoints step `done`, unless the state halted or holds a non-finite value."""
+      skip_run, halted_step, finite = (int(x) for x in jax.device_get(health(state)))
+      _raise_if_halted(skip_run, halted_step, halt_after, t, checkpointer)
+      if not finite:
+        raise UserError(f"the state at step {done} holds non-finite values; refusing to "
+                        f"checkpoint it (the newest checkpoint is {checkpointer.latest_step()})")
+      checkpointer.save(done, state, train_iter, exp.meta(), force=True)
+
+    # --- Loop ---------------------------------------------------------------------
+    stop = stack.enter_context(preemption.StopRequest())
     progress = _progress(start, total_steps)
+    stack.callback(progress.close)
     last_eval: dict = {}
+    done, saved, stopped = start, start, False
     t0, units, compile_s = time.perf_counter(), 0, None
     for step in range(start, total_steps):
+      if stop.agreed():  # a signal reached some process: leave after the same step everywhere
+        stopped = True
+        break
       batch = parallel.global_batch(next(train_iter), batch_sharding)
       state, metrics = train_step(state, batch)
       units += exp.units_per_batch
@@ -107,20 +158,18 @@ def train(config, workdir: str) -> dict:
         t0, units = time.perf_counter(), 0
       done = step + 1
       if done % t.log_every == 0 or done == total_steps:
-        metrics = jax.device_get(metrics)
+        metrics, skip_run, halted_step, skipped = jax.device_get(
+            (metrics, state.skip_run, state.step, state.skipped))
+        _raise_if_halted(int(skip_run), int(halted_step), halt_after, t, checkpointer)
         elapsed = time.perf_counter() - t0
         if flops_per_unit is None:
           flops_per_unit = exp.objective.flops_per_token(state.params, exp.init_len)
         rate = units / max(elapsed, 1e-9)
-        if not bool(metrics["finite"]) and config.train.nonfinite == "stop":
-          raise UserError(f"non-finite loss or gradients at step {done}; the state was not "
-                          f"updated and the last good checkpoint is kept. Lower optim.lr or "
-                          f"check the data")
         record = {"train/loss": float(metrics["train/loss"]), "lr": float(exp.lr(done - 1)),
                   f"{exp.objective.unit}_per_s": rate, "mfu": rate * flops_per_unit / peak,
                   "grad_norm": float(metrics["grad_norm"]),
                   "param_norm": float(metrics["param_norm"]),
-                  "skipped_updates": int(jax.device_get(state.skipped))}
+                  "skipped_updates": int(skipped)}
         if compile_s is not None and done == t.log_every:
           record["compile_s"] = compile_s
         writer.write(done, record)
@@ -135,12 +184,94 @@ def train(config, workdir: str) -> dict:
                                                      last_eval.items()))
         t0, units = time.perf_counter(), 0
       if done % t.checkpoint_every == 0 or done == total_steps:
-        checkpointer.save(done, state, train_iter.get_state(), exp.meta(), force=True)
+        save_checkpoint(done)
+        saved = done
       progress.update(1)
-    progress.close()
-    checkpointer.close()
-    writer.close()
+
+    # --- Graceful stop ------------------------------------------------------------
+    if stopped:
+      if saved != done:
+        save_checkpoint(done)
+      checkpointer.wait()
+      writer.flush()
+      cause = stop.signal_name or "a signal on another process"
+      print_main(f"stopped by {cause} after step {done}; checkpoint {done} is saved; run the "
+                 f"same command to resume" if done > start else
+                 f"stopped by {cause} before the first step; nothing new to save")
   return last_eval
+
+
+def _health(state):
+  """(skip_run, step, every float in params and optimizer state is finite): 3 scalars."""
+  leaves = [x for x in jax.tree_util.tree_leaves((state.params, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return state.skip_run, state.step, finite
+
+
+def _raise_if_halted(skip_run: int, step: int, halt_after: int, t, checkpointer):
+  if skip_run < halt_after:
+    return
+  newest = checkpointer.latest_step()
+  if halt_after == 1:
+    what = f"non-finite loss or gradients at step {step} (train.nonfinite={t.nonfinite!r})"
+  else:
+    what = (f"{skip_run} steps in a row up to step {step} had non-finite loss or gradients "
+            f"(train.max_consecutive_skips={halt_after})")
+  kept = (f"the newest checkpoint, step {newest}, is intact" if newest is not None
+          else "no checkpoint had been written")
+  raise UserError(f"{what}; no update from them was applied and {kept}. Lower optim.lr or "
+                  f"check the data, then run again")
+
+
+@contextlib.contextmanager
+def _removed_if_first_run_fails(workdir: str):
+  """Creates workdir; if the run fails while no checkpoint exists, removes what it created."""
+  existed = os.path.isdir(workdir)
+  before = set(os.listdir(workdir)) if existed else set()
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir {workdir!r}: {e.strerror or e}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir {workdir!r} is not writable; pick another directory")
+  try:
+    yield
+  except BaseException:
+    checkpoints = os.path.join(workdir, "checkpoints")
+    has_steps = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    if _is_main() and not has_steps:
+      for name in set(os.listdir(workdir)) - before:
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+      if not existed:
+        os.rmdir(workdir)
+    raise
+
+
+def _check_same_tokenizer_spec(config, workdir: str):
+  """A resumed run keeps the workdir's tokenizer; refuse a config that asks for another."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    return
+  old = config_lib.load_workdir_config(workdir).data.get("tokenizer")
+  new = config.data.get("tokenizer")
+  if old is not None and new != old:
+    raise UserError(f"data.tokenizer={new!r}, but the checkpoints in {workdir!r} were trained "
+                    f"with {old!r}; keep --config.data.tokenizer={old} or use a new --workdir")
+
+
+def _write_json(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _report_data_stats(stats: dict):
+  changed = [f"{split}: {v} {k.replace('_', ' ')}" for split, counts in stats.items()
+             for k, v in counts.items() if v and k not in ("documents", "documents_read")]
+  if changed:
+    print_main(f"data policy: {', '.join(changed)} (see data_stats.json)")
 
 
 class _NoProgress:

@@ -66,11 +66,12 @@ def _plain(v):
 
 
 def measure_peak_flops(dtype: str = "float32", n: int | None = None, repeats: int = 5) -> float:
-  """FLOP/s of a large square matmul in `dtype` on the first device (the MFU denominator)."""
-  device = jax.devices()[0]
+  """FLOP/s of a large square matmul in `dtype` on one local device (the MFU denominator)."""
+  device = jax.local_devices()[0]  # this process's own device, in multi-process jobs too
   if n is None:
     n = 1024 if device.platform == "cpu" else 8192
-  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  # From host memory, so no global (mesh-wide) array is made under jax.set_mesh.
+  a = jax.device_put(np.ones((n, n), jnp.dtype(dtype)), device)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   times = []

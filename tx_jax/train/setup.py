@@ -7,6 +7,8 @@ model is always rebuilt by exactly the code that trained it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import os
 from typing import Callable, Iterator
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from tx_jax import parallel
 from tx_jax.data import pipeline, sources, tokenizers
+from tx_jax.data.doc_policy import DocPolicy
 from tx_jax.errors import UserError
 from tx_jax.objectives import get_objective
 from tx_jax.train import checkpoint as ckpt_lib
@@ -36,6 +39,7 @@ class Experiment:
   train_iterator: Callable[[], object]  # per-host iterator with get_state/set_state
   eval_batches: Callable[[], Iterator[dict]]
   lr: Callable[[int], float]
+  data_stats: dict = dataclasses.field(default_factory=dict)  # what the DocPolicy did
 
   def meta(self) -> dict:
     return {"objective": self.config.objective, "model": self.config.model.to_dict(),
@@ -65,7 +69,11 @@ def get_tokenizer(config, workdir: str, create: bool, train_source=None):
     except ValueError:
       raise UserError(f"data.tokenizer={spec!r}: expected spm-train:VOCAB_SIZE") from None
     texts = (train_source[i]["text"] for i in range(len(train_source)))
-    tok = tokenizers.train_sentencepiece(texts, vocab, os.path.join(workdir, "spm"))
+    if jax.process_index() == 0:  # one writer on the shared workdir; the others wait
+      tokenizers.train_sentencepiece(texts, vocab, os.path.join(workdir, "spm"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tx_jax: spm tokenizer trained")
     tok = tokenizers.make_tokenizer(f"spm:{os.path.join(workdir, 'spm.model')}", specials)
   else:
     tok = tokenizers.make_tokenizer(spec, specials)
@@ -79,27 +87,50 @@ def get_tokenizer(config, workdir: str, create: bool, train_source=None):
 def build_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   if config.objective not in _KNOWN:
     raise UserError(f"objective {config.objective!r} is unknown; choose one of {sorted(_KNOWN)}")
-  return _KNOWN[config.objective](config, workdir, create_tokenizer)
+  builder = _KNOWN[config.objective]
+  if isinstance(builder, str):  # "module:function", imported on use
+    module, name = builder.split(":")
+    builder = getattr(importlib.import_module(module), name)
+  return builder(config, workdir, create_tokenizer)
+
+
+def make_objective(config, tok, **extra):
+  """The configured objective; `config.objective_options` are its keyword arguments."""
+  options = dict(config.get("objective_options") or {})
+  cls = get_objective(config.objective)
+  accepted = inspect.signature(cls).parameters
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise UserError(f"objective_options {unknown} are not options of {config.objective!r}; "
+                    f"it takes {sorted(set(accepted) - {'model_cfg', 'token_bytes'})}")
+  return cls(config_lib.model_config(config), _padded_bytes(tok, config.model.vocab_size),
+             **options, **extra)
 
 
 def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   d, t = config.data, config.train
-  train_source = sources.open_source(d.source)
-  eval_source = sources.open_source(d.eval_source) if d.eval_source else None
+  policy = DocPolicy.from_config(d)
+  train_source = sources.open_source(d.source, policy)
+  eval_source = sources.open_source(d.eval_source, policy) if d.eval_source else None
+  data_stats = {"train": train_source.stats,
+                **({"eval": eval_source.stats} if eval_source else {})}
   if eval_source is None:
     train_source, eval_source = sources.holdout_split(train_source, 0.05, t.seed)
   tok = get_tokenizer(config, workdir, create_tokenizer, train_source)
   if config.model.vocab_size < tok.vocab_size:
     raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                     f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
-  objective = get_objective(config.objective)(config_lib.model_config(config),
-                                              _padded_bytes(tok, config.model.vocab_size))
+  objective = make_objective(config, tok)
   n_proc, pid = jax.process_count(), jax.process_index()
   local_bs = t.batch_size // n_proc
+  shards, shard_count = process_shards(config)
 
   def train_iterator():
-    return pipeline.lm_train_iterator(train_source, tok, d.seq_len, local_bs, t.seed,
-                                      shard_index=pid, shard_count=n_proc)
+    per_shard = [pipeline.lm_train_iterator(train_source, tok, d.seq_len,
+                                            t.batch_size // shard_count, t.seed,
+                                            shard_index=i, shard_count=shard_count)
+                 for i in shards]
+    return per_shard[0] if len(per_shard) == 1 else pipeline.ConcatRows(per_shard)
 
   def eval_batches():
     # Every host builds the same global batches and keeps its rows.
@@ -111,7 +142,25 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
 
   tx_lr = optim.lr_schedule(config.optim, t.steps)
   return Experiment(config, tok, objective, d.seq_len, t.batch_size * d.seq_len,
-                    train_iterator, eval_batches, lambda s: float(tx_lr(s)))
+                    train_iterator, eval_batches, lambda s: float(tx_lr(s)), data_stats)
+
+
+def process_shards(config) -> tuple[list[int], int]:
+  """The data shards this process reads, and how many there are in all.
+
+  `data.shards` disjoint slices of the documents (0 = one per process) each
+  give batch_size / shards rows of every global batch; process p reads the
+  p-th consecutive share of them. Pinning data.shards keeps the global batches
+  identical when the number of processes changes (a 1-process run with
+  data.shards=2 sees what 2 processes see).
+  """
+  n_proc, pid = jax.process_count(), jax.process_index()
+  count = config.data.get("shards", 0) or n_proc
+  if count % n_proc or config.train.batch_size % count:
+    raise UserError(f"data.shards={count} must be a multiple of the {n_proc} processes and "
+                    f"divide train.batch_size={config.train.batch_size}")
+  per_process = count // n_proc
+  return list(range(pid * per_process, (pid + 1) * per_process)), count
 
 
 def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
@@ -121,13 +170,13 @@ def _padded_bytes(tok, vocab_size: int) -> np.ndarray:
   return table
 
 
-def _contrastive_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
-  from tx_jax.train import contrastive_experiment  # imports this module
-  return contrastive_experiment.contrastive_experiment(config, workdir, create_tokenizer)
-
-
-_KNOWN: dict[str, Callable] = {"causal_lm": _lm_experiment,
-                               "contrastive": _contrastive_experiment}
+_KNOWN: dict[str, Callable | str] = {
+    "causal_lm": _lm_experiment,
+    "masked_lm": "tx_jax.train.experiments_text:masked_lm_experiment",
+    "span_corruption": "tx_jax.train.experiments_text:span_corruption_experiment",
+    "seq2seq": "tx_jax.train.experiments_text:seq2seq_experiment",
+    "contrastive": "tx_jax.train.contrastive_experiment:contrastive_experiment",
+}
 
 
 def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> TrainState:
@@ -139,7 +188,8 @@ def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> 
   if boxed:  # optimizer moments mirror the params' boxes so they shard like them
     params, opt_state = boxed_params, _box_like(opt_state, boxed_params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32))
+                    rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32),
+                    skip_run=jnp.zeros((), jnp.int32))
 
 
 def state_shapes(objective, tx, init_len: int, seed: int):
@@ -178,24 +228,31 @@ class Trained:
 
 
 def load_trained(workdir: str, mesh=None) -> Trained:
-  """Config, tokenizer, objective and newest params of a workdir, for inference."""
+  """Config, tokenizer, objective and newest intact params of a workdir, for inference.
+
+  Read-only: a corrupt newest checkpoint is reported and the one before it used.
+  """
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir!r} does not exist; train first with tx-jax train")
   config = config_lib.load_workdir_config(workdir)
   tok = get_tokenizer(config, workdir, create=False)
-  objective = get_objective(config.objective)(config_lib.model_config(config),
-                                              _padded_bytes(tok, config.model.vocab_size))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  step = checkpointer.latest_step()
-  if step is None:
+  objective = make_objective(config, tok)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
     raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
-  mesh = mesh or parallel.make_mesh(
-      type("M", (), {"data": 1, "fsdp": 1, "tensor": 1})(), devices=jax.devices()[:1])
-  rules = parallel.resolve_rules(config.mesh.rules)
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  boxed = state_shapes(objective, tx, config.data.get("seq_len", 1), config.train.seed)
-  shardings = parallel.logical_shardings(boxed, mesh, rules)
-  abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), shardings)
-  state, _, _ = checkpointer.restore(step, abstract)
-  checkpointer.close()
+  with ckpt_lib.Checkpointer(directory, async_save=False, read_only=True) as checkpointer:
+    step, _ = checkpointer.newest_good_step()
+    if step is None:
+      raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
+    mesh = mesh or parallel.make_mesh(
+        type("M", (), {"data": 1, "fsdp": 1, "tensor": 1})(), devices=jax.devices()[:1])
+    rules = parallel.resolve_rules(config.mesh.rules)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    boxed = state_shapes(objective, tx, config.data.get("seq_len", 1), config.train.seed)
+    shardings = parallel.logical_shardings(boxed, mesh, rules)
+    abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), shardings)
+    checkpointer.check_compatible(step, abstract, {
+        "objective": config.objective, "model": config.model.to_dict(),
+        "tokenizer": tok.fingerprint()})
+    state, _ = checkpointer.restore(step, abstract)
   return Trained(config, tok, objective, state.params, step)

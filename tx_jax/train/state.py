@@ -14,4 +14,5 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array           # uint32 key data; per-step keys are fold_in(rng, step)
-  skipped: jax.Array       # int32 scalar: updates skipped for non-finite gradients
+  skipped: jax.Array       # int32 scalar: updates skipped for non-finite loss/gradients
+  skip_run: jax.Array      # int32 scalar: consecutive skips ending at the last step

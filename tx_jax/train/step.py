@@ -13,14 +13,22 @@ def _tree_add(a, b):
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def make_train_step(objective, tx: optax.GradientTransformation, accumulate_steps: int = 1):
+def make_train_step(objective, tx: optax.GradientTransformation, accumulate_steps: int = 1,
+                    halt_after: int | None = None):
   """Returns train_step(state, batch) -> (state, metrics).
 
   With accumulate_steps = k the global batch is split into k micro-batches
   (rows i, i+k, i+2k, ... so each stays spread over the data axes), whose
   weight-summed gradients are added in a scan: the update equals the one from
-  the whole batch at once, in a k-th of the activation memory. A non-finite
-  loss or gradient leaves the state unchanged and counts a skip.
+  the whole batch at once, in a k-th of the activation memory.
+
+  A non-finite loss, gradient or update (a NaN learning rate) leaves params
+  and optimizer state unchanged, adds one to `skipped` and to `skip_run` (the
+  number of skips in a row; a good step resets it). After `halt_after` skips
+  in a row the state *halts*: every later call returns it unchanged, `step`
+  included, so the host can find out lazily (it reads `skip_run` only at log
+  and checkpoint steps) and still knows exactly which step halted it and that
+  nothing was applied since. halt_after=None never halts.
   """
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
 
@@ -52,18 +60,22 @@ def make_train_step(objective, tx: optax.GradientTransformation, accumulate_step
       grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
       loss = sums["loss_sum"] / denom
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    halted = (state.skip_run >= halt_after) if halt_after else jnp.bool_(False)
+    apply = finite & ~halted
     keep = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+        lambda n, o: jnp.where(apply, n, o), new, old)
+    skip = (~finite & ~halted).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        skipped=state.skipped + (~finite).astype(jnp.int32))
+        step=state.step + (~halted).astype(jnp.int32), params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + skip,
+        skip_run=jnp.where(halted, state.skip_run, (state.skip_run + 1) * skip))
     metrics = {"train/loss": loss, "grad_norm": grad_norm,
-               "param_norm": optax.global_norm(state.params),
+               "param_norm": optax.tree.norm(state.params),
                "finite": finite, "weight": sums["weight"]}
     return new_state, metrics
 
