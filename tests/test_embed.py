@@ -63,10 +63,10 @@ def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp("embed")
   data = _write_csv(d / "posts.csv", _posts(90))
   wd = str(d / "wd")
-  out = run_cli(["train", "--config", "configs/gpt.py", "--workdir", wd,
-                 *[f"--config.{o}" for o in TINY],
-                 f"--config.data.source=file:{data}", "--config.data.eval_source="])
-  assert out.returncode == 0, out.stderr[-2000:]
+  assert cli.main(["train", "--config", "configs/gpt.py", "--workdir", wd,
+                   *[f"--config.{o}" for o in TINY + ["model.vocab_size=256",
+                                                      "data.tokenizer=byte"]],
+                   f"--config.data.source=file:{data}", "--config.data.eval_source="]) == 0
   return load_trained(wd), wd, data
 
 
@@ -205,6 +205,79 @@ def test_embed_cli_writes_ids_texts_labels(trained, tmp_path):
   assert code == 0
   report = json.loads((tmp_path / "rep" / "report.json").read_text())
   assert {"nmi", "ari", "purity"} <= set(report["metrics"]) and report["k"] == 3
+
+
+# Every trained model family in tx_jax: config, overrides beyond TINY (byte tokens).
+FAMILIES = {
+    "bert": ("configs/bert.py", ["model.vocab_size=260", "data.tokenizer=byte"]),
+    "t5": ("configs/t5.py", ["model.vocab_size=358", "data.tokenizer=byte",
+                             "model.num_encoder_layers=1"]),
+    "contrastive": ("configs/contrastive.py", ["model.vocab_size=256", "data.tokenizer=byte"]),
+}
+
+
+@pytest.fixture(scope="module")
+def families(trained, tmp_path_factory):
+  """name -> (Trained, workdir, data): each family trained 1 step in-process on the posts."""
+  from tx_jax.train.setup import load_trained
+  d = tmp_path_factory.mktemp("families")
+  data = trained[2]
+  out = {}
+  for name, (config, extra) in FAMILIES.items():
+    wd = str(d / name)
+    overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=1"]
+    assert cli.main(["train", "--config", config, "--workdir", wd,
+                     *[f"--config.{o}" for o in overrides + extra],
+                     f"--config.data.source=file:{data}", "--config.data.eval_source="]) == 0
+    out[name] = (load_trained(wd), wd, data)
+  return out
+
+
+def _naive_family(tr, texts, name, pooling):
+  """Each document alone through the model's own forward pass, pooled in numpy."""
+  model, ids = tr.objective.model, tr.tokenizer.special_ids
+  rows = []
+  for text in texts:
+    tokens = list(tr.tokenizer.encode(text))
+    if name == "bert":  # BERT rows: <cls> text <sep>
+      tokens = [ids["<cls>"]] + tokens[:30] + [ids["<sep>"]]
+    tokens = jnp.asarray([tokens[:32]], jnp.int32)
+    if name == "t5":  # The encoder alone.
+      h = model.apply({"params": tr.params}, tokens, method="encode")
+    else:
+      h = model.apply({"params": tr.params}, tokens)[1]["pre_logits"]
+    h = np.asarray(h[0], np.float64)                                           # (n, D)
+    rows.append({"mean": h.mean(0), "cls": h[0], "last": h[-1]}[pooling])
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("name,pooling", [("bert", "cls"), ("t5", "mean"),
+                                          ("contrastive", "mean")])
+def test_every_model_family_embeds_its_final_hidden_states(families, name, pooling):
+  tr, _, data = families[name]
+  src = sources.open_source(f"file:{data}")
+  texts = [src[i]["text"] for i in range(8)]
+  got = embed.embed_texts(tr, src, pooling=pooling, batch_size=8, indices=np.arange(8),
+                          progress=False)
+  assert got.layer == ("encoded" if name == "t5" else "pre_logits")
+  np.testing.assert_allclose(got.embeddings, _naive_family(tr, texts, name, pooling),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_embed_cli_on_encoder_decoder_records_encoder_layers(families, tmp_path, capsys):
+  _, wd, data = families["t5"]
+  data = f"file:{data}"
+  out = str(tmp_path / "t5.npz")
+  assert cli.main(["embed", "--workdir", wd, "--data", data, "--out", out, "--sample", "9",
+                   "--layer", "encoder/block_00"]) == 0
+  with np.load(out) as z:
+    assert z["embeddings"].shape == (9, 32)
+    assert json.loads(str(z["meta"]))["layer"] == "encoder/block_00"
+  capsys.readouterr()
+  assert cli.main(["embed", "--workdir", wd, "--data", data, "--out", out,
+                   "--layer", "pre_logits"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown layer 'pre_logits'" in err and "encoded" in err
 
 
 def test_embed_social_media_from_tfds(trained, tmp_path, monkeypatch):

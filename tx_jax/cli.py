@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_embed_flags(p):
   # Choices are checked by tx_jax.analysis (importing it here would slow every command).
   g = p.add_argument_group("embedding")
-  g.add_argument("--layer", default="pre_logits",
-                 help="named model output to pool: pre_logits (default), embedded, block_00, ...")
+  g.add_argument("--layer", help="named model output to pool (default: the final hidden "
+                 "states, pre_logits; encoded for an encoder-decoder): embedded, block_00, ...")
   g.add_argument("--pooling", default="mean", help="mean (default), cls or last token")
   g.add_argument("--batch-size", type=int, default=64)
   g.add_argument("--seq-len", type=int, help="tokens per document (default: the training seq_len)")
