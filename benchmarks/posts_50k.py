@@ -7,7 +7,8 @@ topics, with shared filler words, @mentions, numbers and 15% off-topic words so
 the topics overlap), then runs the real commands as subprocesses:
 
 1. `tx-jax topics --data file:posts.csv --out DIR --k 8`: tokenizer, a tiny
-   causal LM (2 layers, d 128) pretrained on the posts, embed, cluster, report.
+   span-contrastive encoder (the topics default: 2 layers, d 128) pretrained on
+   the posts, embed, cluster, report.
    Every phase is timed from the command's own progress lines.
 2. `tx-jax embed` alone on the same model for all 50k posts and for a 10k
    sample, and `tx-jax analyze` alone: wall time and peak RSS of each (from
@@ -136,7 +137,7 @@ def run(args, log_path):
 def _phases(lines, total):
   """Seconds per `topics: NAME: running` phase, from the times the lines were printed."""
   marks = [(t, l.split(":")[1].strip()) for t, l in lines if l.startswith("topics: ")
-           and l.endswith("running")]
+           and ": running" in l]
   ends = [t for t, _ in marks[1:]] + [total]
   return {name: round(end - t, 1) for (t, name), end in zip(marks, ends)}
 

@@ -63,6 +63,33 @@ def variants(workdir, source, labels, k):
           "variants": rows, "best": max(rows, key=lambda r: r["nmi"]["mean"])}
 
 
+def markdown(result) -> str:
+  """The results as a short markdown page (the best variants of each model)."""
+  t = result["tfidf_kmeans_nmi"]
+  lines = [
+      "# Clustering stdlib docstrings by package: TF-IDF vs tx_jax embeddings", "",
+      f"{result['n']} docstrings of `embedded:stdlib-docstrings`, {result['k']} packages "
+      f"(labels held back; they only score). k-means with k = {result['k']}, NMI as mean "
+      f"[min, max] over seeds {result['seeds']}. Python {result['python']}; "
+      f"{result['machine']}.", "",
+      f"Command: `{result['command']}`", "",
+      "| representation | NMI mean | min | max |", "|---|---|---|---|",
+      f"| TF-IDF (words, sublinear tf, English stop words) + k-means | {t['mean']} | "
+      f"{t['min']} | {t['max']} |"]
+  for m in result["models"]:
+    rows = sorted(m["variants"], key=lambda r: -r["nmi"]["mean"])[:3]
+    for r in rows:
+      lines.append(f"| {m['objective']} ({m['model']['num_layers']} layers, d "
+                   f"{m['model']['d_model']}, {m['step']} steps): {r['layer']}, {r['pooling']} "
+                   f"pooling, {r['normalize']} | {r['nmi']['mean']} | {r['nmi']['min']} | "
+                   f"{r['nmi']['max']} |")
+  topics = result["topics"]
+  lines += ["", f"`tx-jax topics` (tokenizer + {topics['steps']} pretraining steps + embed + "
+            f"report) took {topics['wall_s']} s wall; its own report (default flags, seed 0): "
+            f"NMI {topics['report_metrics'].get('nmi')}.", ""]
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", default="/tmp/tx_jax_stdlib_topics")
@@ -101,9 +128,13 @@ def main():
   result["models"] = [variants(wd, source, labels, k)
                       for wd in [os.path.join(args.dir, "model"), *args.workdir]]
   result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+  result["machine"] = f"shared {os.cpu_count()}-core CPU (other jobs running; see load_avg_1m)"
+  result["command"] = " ".join(["python", "benchmarks/stdlib_docstrings.py", *sys.argv[1:]])
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
+  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    f.write(markdown(result))
   print(json.dumps({"tfidf": result["tfidf_kmeans_nmi"],
                     "best": [m["best"] for m in result["models"]]}))
 

@@ -354,17 +354,19 @@ def test_cli_bad_input_exit_2_in_a_subprocess(tmp_path):
 
 
 @pytest.mark.slow
-def test_topics_end_to_end_and_rerun_from_any_step(tmp_path):
+def test_topics_end_to_end_and_rerun_from_any_step(tmp_path, capsys):
   data = _write_csv(tmp_path / "posts.csv", _posts(240))
   out = tmp_path / "topics"
   common = ["topics", "--data", f"file:{data}", "--out", str(out), "--steps", "4",
             "--vocab-size", "300", "--reduce", "pca"]
 
   def topics(*extra):
-    r = run_cli([*common, *extra])
-    assert r.returncode == 0, r.stderr[-3000:]
-    topics.stderr = r.stderr
-    return dict(l.split(": ", 2)[1:] for l in r.stdout.splitlines()
+    capsys.readouterr()
+    code = cli.main([*common, *extra])
+    r = capsys.readouterr()
+    assert code == 0, r.err[-3000:]
+    topics.stderr = r.err
+    return dict(l.split(": ", 2)[1:] for l in r.out.splitlines()
                 if l.startswith("topics: ") and not l.startswith("topics: open"))
 
   assert set(topics("--k", "3").values()) == {"running (no output yet)",
