@@ -86,7 +86,8 @@ def markdown(result) -> str:
   topics = result["topics"]
   lines += ["", f"`tx-jax topics` (tokenizer + {topics['steps']} pretraining steps + embed + "
             f"report) took {topics['wall_s']} s wall; its own report (default flags, seed 0): "
-            f"NMI {topics['report_metrics'].get('nmi')}.", ""]
+            f"NMI {round(topics['report_metrics'].get('nmi'), 4)}.", ""]
+  lines += [f"- {note}" for note in result.get("notes", [])] + [""]
   return "\n".join(lines)
 
 
@@ -98,6 +99,11 @@ def main():
                       help="more trained workdirs to compare")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "stdlib_docstrings.json"))
+  parser.add_argument("--note", action="append", default=[],
+                      help="a line for the markdown (e.g. how a --workdir was trained)")
+  parser.add_argument("--add", action="store_true",
+                      help="keep the topics run and models of the existing --out file and "
+                           "only score the --workdir models")
   args = parser.parse_args()
   from tx_jax.analysis.report import tfidf_kmeans_nmi
   from tx_jax.data import sources
@@ -113,6 +119,16 @@ def main():
                                  "max": round(float(np.max(tfidf)), 4)}}
   print(json.dumps(result), flush=True)
 
+  if args.add:
+    with open(args.out) as f:
+      old = json.load(f)
+    result.update(topics=old["topics"], notes=old.get("notes", []) + args.note,
+                  command=old["command"] + "; " + " ".join(
+        ["python", "benchmarks/stdlib_docstrings.py", *sys.argv[1:]]))
+    result["models"] = [m for m in old["models"] if m["workdir"] not in args.workdir]
+    result["models"] += [variants(wd, source, labels, k) for wd in args.workdir]
+    return _write(result, args.out)
+
   # The analyst's path, on the docstrings themselves.
   t0 = time.perf_counter()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -127,13 +143,18 @@ def main():
                       "report_metrics": report["metrics"], "normalize": report["normalize"]}
   result["models"] = [variants(wd, source, labels, k)
                       for wd in [os.path.join(args.dir, "model"), *args.workdir]]
+  result["command"] = " ".join(["python", "benchmarks/stdlib_docstrings.py", *sys.argv[1:]])
+  result["notes"] = args.note
+  _write(result, args.out)
+
+
+def _write(result, out):
   result["load_avg_1m"] = round(os.getloadavg()[0], 2)
   result["machine"] = f"shared {os.cpu_count()}-core CPU (other jobs running; see load_avg_1m)"
-  result["command"] = " ".join(["python", "benchmarks/stdlib_docstrings.py", *sys.argv[1:]])
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
     json.dump(result, f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
     f.write(markdown(result))
   print(json.dumps({"tfidf": result["tfidf_kmeans_nmi"],
                     "best": [m["best"] for m in result["models"]]}))

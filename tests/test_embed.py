@@ -82,7 +82,7 @@ def _naive(trained, texts, layer, pooling, seq_len=32):
 
 
 @pytest.mark.parametrize("layer,pooling", [("pre_logits", "mean"), ("block_00", "last"),
-                                           ("embedded", "cls"), ("pre_logits", "last")])
+                                           ("embedded", "cls")])
 def test_pooling_equals_naive_per_document(trained, layer, pooling):
   tr, _, data = trained
   src = sources.open_source(f"file:{data}")
