@@ -7,9 +7,12 @@ Launch:
   tx-jax topics --data file:posts.csv --out DIR --objective contrastive   # all of the above
 
 Self-supervised on the stdlib docstrings themselves (their package labels are
-never used). Expected: eval/accuracy (the partner span is the nearest of the
-batch) above 0.8, and k-means on the embeddings at about the NMI of TF-IDF +
-k-means over the 18 packages (benchmarks/stdlib_docstrings.py).
+never used). Measured (benchmarks/results/stdlib_docstrings.md, topics-sized
+model: 2 layers, d 128, 2,000 SentencePiece pieces): after 600 steps held-out
+eval/accuracy (the partner span is the nearest of the batch of 64) 0.81 and
+k-means (k 18) NMI 0.27 on pre_logits, 0.29 on block_00; resumed to 1,200 steps,
+0.84 and NMI 0.31 on pre_logits, 0.32 on `--layer block_00` (mean pooling), above
+TF-IDF + k-means (0.30).
 """
 
 import dataclasses
