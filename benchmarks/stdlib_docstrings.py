@@ -63,6 +63,34 @@ def variants(workdir, source, labels, k):
           "variants": rows, "best": max(rows, key=lambda r: r["nmi"]["mean"])}
 
 
+def markdown(result) -> str:
+  """The results as a short markdown page (the best variants of each model)."""
+  t = result["tfidf_kmeans_nmi"]
+  lines = [
+      "# Clustering stdlib docstrings by package: TF-IDF vs tx_jax embeddings", "",
+      f"{result['n']} docstrings of `embedded:stdlib-docstrings`, {result['k']} packages "
+      f"(labels held back; they only score). k-means with k = {result['k']}, NMI as mean "
+      f"[min, max] over seeds {result['seeds']}. Python {result['python']}; "
+      f"{result['machine']}.", "",
+      f"Command: `{result['command']}`", "",
+      "| representation | NMI mean | min | max |", "|---|---|---|---|",
+      f"| TF-IDF (words, sublinear tf, English stop words) + k-means | {t['mean']} | "
+      f"{t['min']} | {t['max']} |"]
+  for m in result["models"]:
+    rows = sorted(m["variants"], key=lambda r: -r["nmi"]["mean"])[:3]
+    for r in rows:
+      lines.append(f"| {m['objective']} ({m['model']['num_layers']} layers, d "
+                   f"{m['model']['d_model']}, {m['step']} steps): {r['layer']}, {r['pooling']} "
+                   f"pooling, {r['normalize']} | {r['nmi']['mean']} | {r['nmi']['min']} | "
+                   f"{r['nmi']['max']} |")
+  topics = result["topics"]
+  lines += ["", f"`tx-jax topics` (tokenizer + {topics['steps']} pretraining steps + embed + "
+            f"report) took {topics['wall_s']} s wall; its own report (default flags, seed 0): "
+            f"NMI {round(topics['report_metrics'].get('nmi'), 4)}.", ""]
+  lines += [f"- {note}" for note in result.get("notes", [])] + [""]
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dir", default="/tmp/tx_jax_stdlib_topics")
@@ -71,6 +99,11 @@ def main():
                       help="more trained workdirs to compare")
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "stdlib_docstrings.json"))
+  parser.add_argument("--note", action="append", default=[],
+                      help="a line for the markdown (e.g. how a --workdir was trained)")
+  parser.add_argument("--add", action="store_true",
+                      help="keep the topics run and models of the existing --out file and "
+                           "only score the --workdir models")
   args = parser.parse_args()
   from tx_jax.analysis.report import tfidf_kmeans_nmi
   from tx_jax.data import sources
@@ -86,6 +119,16 @@ def main():
                                  "max": round(float(np.max(tfidf)), 4)}}
   print(json.dumps(result), flush=True)
 
+  if args.add:
+    with open(args.out) as f:
+      old = json.load(f)
+    result.update(topics=old["topics"], notes=old.get("notes", []) + args.note,
+                  command=old["command"] + "; " + " ".join(
+        ["python", "benchmarks/stdlib_docstrings.py", *sys.argv[1:]]))
+    result["models"] = [m for m in old["models"] if m["workdir"] not in args.workdir]
+    result["models"] += [variants(wd, source, labels, k) for wd in args.workdir]
+    return _write(result, args.out)
+
   # The analyst's path, on the docstrings themselves.
   t0 = time.perf_counter()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -100,10 +143,19 @@ def main():
                       "report_metrics": report["metrics"], "normalize": report["normalize"]}
   result["models"] = [variants(wd, source, labels, k)
                       for wd in [os.path.join(args.dir, "model"), *args.workdir]]
+  result["command"] = " ".join(["python", "benchmarks/stdlib_docstrings.py", *sys.argv[1:]])
+  result["notes"] = args.note
+  _write(result, args.out)
+
+
+def _write(result, out):
   result["load_avg_1m"] = round(os.getloadavg()[0], 2)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  result["machine"] = f"shared {os.cpu_count()}-core CPU (other jobs running; see load_avg_1m)"
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
     json.dump(result, f, indent=2)
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    f.write(markdown(result))
   print(json.dumps({"tfidf": result["tfidf_kmeans_nmi"],
                     "best": [m["best"] for m in result["models"]]}))
 

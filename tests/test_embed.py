@@ -64,10 +64,10 @@ def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp("embed")
   data = _write_csv(d / "posts.csv", _posts(90))
   wd = str(d / "wd")
-  out = run_cli(["train", "--config", "configs/gpt.py", "--workdir", wd,
-                 *[f"--config.{o}" for o in TINY],
-                 f"--config.data.source=file:{data}", "--config.data.eval_source="])
-  assert out.returncode == 0, out.stderr[-2000:]
+  assert cli.main(["train", "--config", "configs/gpt.py", "--workdir", wd,
+                   *[f"--config.{o}" for o in TINY + ["model.vocab_size=256",
+                                                      "data.tokenizer=byte"]],
+                   f"--config.data.source=file:{data}", "--config.data.eval_source="]) == 0
   return load_trained(wd), wd, data
 
 
@@ -83,17 +83,17 @@ def _naive(trained, texts, layer, pooling, seq_len=32):
 
 
 @pytest.mark.parametrize("layer,pooling", [("pre_logits", "mean"), ("block_00", "last"),
-                                           ("embedded", "cls"), ("pre_logits", "last")])
+                                           ("embedded", "cls")])
 def test_pooling_equals_naive_per_document(trained, layer, pooling):
   tr, _, data = trained
   src = sources.open_source(f"file:{data}")
-  texts = [src[i]["text"] for i in range(20)]
+  texts = [src[i]["text"] for i in range(10)]
   got = embed.embed_texts(tr, src, layer=layer, pooling=pooling, batch_size=8,
-                          indices=np.arange(20), progress=False)
+                          indices=np.arange(10), progress=False)
   # Batches of 8 over 8 devices, last one padded; documents of different lengths.
   np.testing.assert_allclose(got.embeddings, _naive(tr, texts, layer, pooling),
                              rtol=1e-4, atol=1e-5)
-  assert got.embeddings.dtype == np.float32 and got.embeddings.shape == (20, 32)
+  assert got.embeddings.dtype == np.float32 and got.embeddings.shape == (10, 32)
 
 
 def test_padding_and_batch_size_do_not_change_embeddings(trained):
@@ -208,6 +208,98 @@ def test_embed_cli_writes_ids_texts_labels(trained, tmp_path):
   assert {"nmi", "ari", "purity"} <= set(report["metrics"]) and report["k"] == 3
 
 
+# The model families besides the GPT of `trained` (the span-contrastive Encoder is
+# embedded by the topics test): config, overrides beyond TINY (byte tokens).
+FAMILIES = {
+    "bert": ("configs/bert.py", ["model.vocab_size=260", "data.tokenizer=byte"]),
+    "t5": ("configs/t5.py", ["model.vocab_size=358", "data.tokenizer=byte",
+                             "model.num_encoder_layers=1"]),
+}
+
+
+@pytest.fixture(scope="module")
+def families(trained, tmp_path_factory):
+  """name -> (Trained, workdir, data): each family trained 1 step in-process on the posts."""
+  from tx_jax.train.setup import load_trained
+  d = tmp_path_factory.mktemp("families")
+  data = trained[2]
+  out = {}
+  for name, (config, extra) in FAMILIES.items():
+    wd = str(d / name)
+    overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=1"]
+    assert cli.main(["train", "--config", config, "--workdir", wd,
+                     *[f"--config.{o}" for o in overrides + extra],
+                     f"--config.data.source=file:{data}", "--config.data.eval_source="]) == 0
+    out[name] = (load_trained(wd), wd, data)
+  return out
+
+
+def _naive_family(tr, texts, name, pooling):
+  """Each document alone through the model's own forward pass, pooled in numpy."""
+  model, ids = tr.objective.model, tr.tokenizer.special_ids
+  rows = []
+  for text in texts:
+    tokens = list(tr.tokenizer.encode(text))
+    if name == "bert":  # BERT rows: <cls> text <sep>
+      tokens = [ids["<cls>"]] + tokens[:30] + [ids["<sep>"]]
+    tokens = jnp.asarray([tokens[:32]], jnp.int32)
+    if name == "t5":  # The encoder alone.
+      h = model.apply({"params": tr.params}, tokens, method="encode")
+    else:
+      h = model.apply({"params": tr.params}, tokens)[1]["pre_logits"]
+    h = np.asarray(h[0], np.float64)                                           # (n, D)
+    rows.append({"mean": h.mean(0), "cls": h[0], "last": h[-1]}[pooling])
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("name,pooling", [("bert", "cls"), ("t5", "mean")])
+def test_every_model_family_embeds_its_final_hidden_states(families, name, pooling):
+  tr, _, data = families[name]
+  src = sources.open_source(f"file:{data}")
+  texts = [src[i]["text"] for i in range(5)]
+  got = embed.embed_texts(tr, src, pooling=pooling, batch_size=8, indices=np.arange(5),
+                          progress=False)
+  assert got.layer == ("encoded" if name == "t5" else "pre_logits")
+  np.testing.assert_allclose(got.embeddings, _naive_family(tr, texts, name, pooling),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_embed_cli_on_encoder_decoder_records_encoder_layers(families, tmp_path, capsys):
+  _, wd, data = families["t5"]
+  data = f"file:{data}"
+  out = str(tmp_path / "t5.npz")
+  assert cli.main(["embed", "--workdir", wd, "--data", data, "--out", out, "--sample", "9",
+                   "--layer", "encoder/block_00"]) == 0
+  with np.load(out) as z:
+    assert z["embeddings"].shape == (9, 32)
+    assert json.loads(str(z["meta"]))["layer"] == "encoder/block_00"
+  capsys.readouterr()
+  assert cli.main(["embed", "--workdir", wd, "--data", data, "--out", out,
+                   "--layer", "pre_logits"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown layer 'pre_logits'" in err and "encoded" in err
+
+
+def test_embed_social_media_from_tfds(trained, tmp_path, monkeypatch):
+  """tfds:sentiment140 (tweets) and tfds:reddit (posts by subreddit), via data_source."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  _, wd, _ = trained
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  with tfds.testing.mock_data(num_examples=12):
+    for spec, key in [("tfds:sentiment140:train", "polarity"), ("tfds:reddit:train", "subreddit")]:
+      out = str(tmp_path / "s.npz")
+      summary = embed.embed_workdir(wd, spec, out, batch_size=8, progress=False)
+      raw = sources.open_source(spec).data_source
+      with np.load(out, allow_pickle=False) as z:
+        assert summary["n"] == 12 and z["embeddings"].shape == (12, 32)
+        assert np.isfinite(z["embeddings"]).all()
+        assert list(z["texts"]) == [sources._as_python(raw[i]["text" if key == "polarity"
+                                                           else "content"])[:2000]
+                                    for i in range(12)]
+        assert list(z["labels"]) == [sources._as_python(raw[i][key]) for i in range(12)]
+  assert "tensorflow" not in sys.modules
+
+
 def _bad_cases(tmp_path, wd, data):
   (tmp_path / "empty.csv").write_text("")
   _write_csv(tmp_path / "notext.csv", [{"body": "hello", "label": "a"}], ("body", "label"))
@@ -262,17 +354,19 @@ def test_cli_bad_input_exit_2_in_a_subprocess(tmp_path):
 
 
 @pytest.mark.slow
-def test_topics_end_to_end_and_rerun_from_any_step(tmp_path):
+def test_topics_end_to_end_and_rerun_from_any_step(tmp_path, capsys):
   data = _write_csv(tmp_path / "posts.csv", _posts(240))
   out = tmp_path / "topics"
   common = ["topics", "--data", f"file:{data}", "--out", str(out), "--steps", "4",
             "--vocab-size", "300", "--reduce", "pca"]
 
   def topics(*extra):
-    r = run_cli([*common, *extra])
-    assert r.returncode == 0, r.stderr[-3000:]
-    topics.stderr = r.stderr
-    return dict(l.split(": ", 2)[1:] for l in r.stdout.splitlines()
+    capsys.readouterr()
+    code = cli.main([*common, *extra])
+    r = capsys.readouterr()
+    assert code == 0, r.err[-3000:]
+    topics.stderr = r.err
+    return dict(l.split(": ", 2)[1:] for l in r.out.splitlines()
                 if l.startswith("topics: ") and not l.startswith("topics: open"))
 
   assert set(topics("--k", "3").values()) == {"running (no output yet)",

@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_embed_flags(p):
   # Choices are checked by tx_jax.analysis (importing it here would slow every command).
   g = p.add_argument_group("embedding")
-  g.add_argument("--layer", default="pre_logits",
-                 help="named model output to pool: pre_logits (default), embedded, block_00, ...")
+  g.add_argument("--layer", help="named model output to pool (default: the final hidden "
+                 "states, pre_logits; encoded for an encoder-decoder): embedded, block_00, ...")
   g.add_argument("--pooling", default="mean", help="mean (default), cls or last token")
   g.add_argument("--batch-size", type=int, default=64)
   g.add_argument("--seq-len", type=int, help="tokens per document (default: the training seq_len)")
@@ -249,17 +249,21 @@ def cmd_analyze(args, _):
   print(json.dumps(_analyze(args, args.embeddings, args.out)))
 
 
-# `tx-jax topics`: the base config of each pretraining objective, and the small
-# model trained on the user's posts (2 layers, d 128: minutes on 2 CPU cores).
-TOPICS_CONFIGS = {"causal_lm": "gpt.py", "masked_lm": "bert.py"}
-TOPICS_OBJECTIVE = "causal_lm"
+# `tx-jax topics`: the base config of each pretraining objective, shrunk to a
+# small model trained on the user's posts (2 layers, d 128: minutes on 2 CPU
+# cores); the context and batch suit each objective (contrastive: 64-token
+# spans, 64 pairs per batch, so that each pair has 63 negatives).
+TOPICS_CONFIGS = {"contrastive": "contrastive.py", "causal_lm": "gpt.py",
+                  "masked_lm": "bert.py"}
+TOPICS_OBJECTIVE = "contrastive"
 TOPICS_STEPS = 600
 TOPICS_VOCAB = 2000
-TOPICS_MODEL = dict(num_layers=2, d_model=128, num_heads=2, mlp_dim=512, max_len=128)
-TOPICS_TRAIN = dict(batch_size=16, log_every=50, checkpoint_every=200, eval_every=200)
+TOPICS_MODEL = dict(num_layers=2, d_model=128, num_heads=2, mlp_dim=512)
+TOPICS_CONTEXT = {"contrastive": (64, 64), "causal_lm": (128, 16), "masked_lm": (128, 32)}
+TOPICS_TRAIN = dict(log_every=50, checkpoint_every=200, eval_every=200)
 
 
-def _topics_config(args, spm_path):
+def _topics_config(args, spm_path, num_docs):
   """The base config for args.objective, shrunk to the topics model, on args.data."""
   from tx_jax.errors import UserError
   from tx_jax.objectives import OBJECTIVES
@@ -277,9 +281,15 @@ def _topics_config(args, spm_path):
     tokenizer = f"spm:{spm_path}"
   else:
     vocab, tokenizer = 256 + specials, "byte"
+  context, batch_size = TOPICS_CONTEXT[args.objective]
+  # A batch of distinct documents: at most the power of two that the 95% kept
+  # for training holds (the loop holds out 5% for eval).
+  train_docs = num_docs - max(1, round(num_docs * 0.05))
+  batch_size = max(2, min(batch_size, 1 << (max(train_docs, 2).bit_length() - 1)))
   overrides = [f"model.{k}={v}" for k, v in TOPICS_MODEL.items()]
   overrides += [f"train.{k}={v}" for k, v in TOPICS_TRAIN.items()]
-  overrides += [f"model.vocab_size={vocab}", f"data.seq_len={TOPICS_MODEL['max_len']}",
+  overrides += [f"model.max_len={context}", f"data.seq_len={context}",
+                f"train.batch_size={batch_size}", f"model.vocab_size={vocab}",
                 f"data.source={args.data}", "data.eval_source=", f"data.tokenizer={tokenizer}",
                 f"train.steps={args.steps}", "optim.warmup_steps=" + str(min(100, args.steps // 5))]
   return config_lib.apply_overrides(config, overrides)
@@ -340,7 +350,7 @@ def cmd_topics(args, _):
     done("tokenizer")
 
   workdir = os.path.join(out, "model")
-  config = _topics_config(args, spm_path)
+  config = _topics_config(args, spm_path, len(source))
   from tx_jax.train import checkpoint as ckpt_lib
   trained_steps = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):

@@ -3,7 +3,9 @@
 The trained model is run by its own objective's model (`objective.model.apply`),
 so there is no second implementation: models return `(logits, out)` and the
 representation is `out[layer]` (B, T, D), e.g. "embedded", "block_00", ...,
-"pre_logits", pooled over the document's real (non-padding) tokens:
+"pre_logits" (decoders, encoders; the default), or for an encoder-decoder,
+whose encoder runs alone, "encoder/block_00", ..., "encoded" (its default),
+pooled over the document's real (non-padding) tokens:
 
   mean   average over the real tokens
   cls    the first token (the tokenizer's `<cls>` when it has one: BERT-style
@@ -117,25 +119,51 @@ class TextInputs:
     return {"tokens": tokens, "segment_ids": segment_ids}, truncated
 
 
+def text_forward(model) -> Callable:
+  """(params, tokens, segment_ids) -> the named intermediates of a text model.
+
+  Decoders and encoders take the tokens alone; an encoder-decoder runs only
+  its encoder (no decoder inputs), so its intermediates are the encoder's.
+  """
+  from tx_jax.models import EncoderDecoder
+  if isinstance(model, EncoderDecoder):
+    def forward(params, tokens, segment_ids):
+      return model.apply({"params": params}, tokens, None, inputs_segment_ids=segment_ids,
+                         deterministic=True)[1]
+  else:
+    def forward(params, tokens, segment_ids):
+      return model.apply({"params": params}, tokens, segment_ids=segment_ids,
+                         deterministic=True)[1]
+  return forward
+
+
 def text_embed_fn(model, layer: str, pooling: str) -> Callable:
   """(params, batch) -> (B, D): `model`'s out[layer] pooled over real tokens."""
+  forward = text_forward(model)
 
   def fn(params, batch):
-    _, out = model.apply({"params": params}, batch["tokens"],
-                         segment_ids=batch["segment_ids"], deterministic=True)
+    out = forward(params, batch["tokens"], batch["segment_ids"])
     return pool(out[layer], batch["segment_ids"], pooling)
   return fn
 
 
 def model_layers(model, seq_len: int) -> list[str]:
   """Names of the (B, T, D) intermediates a text model returns (no compute)."""
+  from tx_jax.models import EncoderDecoder
   tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  forward = text_forward(model)
 
   def shapes(t):
-    variables = model.init(jax.random.key(0), t)
-    return model.apply(variables, t)[1]
+    # An encoder-decoder's parameters need decoder inputs to exist.
+    args = (t, t) if isinstance(model, EncoderDecoder) else (t,)
+    return forward(model.init(jax.random.key(0), *args)["params"], t, jnp.ones_like(t))
   out = jax.eval_shape(shapes, tokens)
   return [k for k, v in out.items() if getattr(v, "ndim", 0) == 3]
+
+
+def default_layer(layers: list[str]) -> str:
+  """The final hidden states: pre_logits, or an encoder-decoder's encoder output."""
+  return "pre_logits" if "pre_logits" in layers else "encoded"
 
 
 # ------------------------------------------------------------------- the loop
@@ -147,6 +175,7 @@ class Embedded:
   indices: np.ndarray      # [N] int64: positions in the source
   truncated: int           # documents cut to the context
   seconds: float
+  layer: str = ""          # the pooled intermediate, when known
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -224,11 +253,12 @@ def embed_records(params, source, collate, embed_fn, *, batch_size: int = 64,
   return Embedded(out, indices, truncated, time.perf_counter() - t0)
 
 
-def embed_texts(trained, source, *, layer: str = "pre_logits", pooling: str = "mean",
+def embed_texts(trained, source, *, layer: str | None = None, pooling: str = "mean",
                 batch_size: int = 64, seq_len: int | None = None, indices=None, mesh=None,
                 progress: bool = True, callback=None) -> Embedded:
   """Embeds a text source with a trained text model (any objective whose
-  `.model` returns (logits, out)); see the module docstring for layer/pooling."""
+  `.model` returns (logits, out)); see the module docstring for layer/pooling
+  (layer None: the model's final hidden states)."""
   model = trained.objective.model
   max_len = trained.config.model.max_len
   seq_len = int(seq_len or trained.config.data.get("seq_len", max_len))
@@ -237,12 +267,14 @@ def embed_texts(trained, source, *, layer: str = "pre_logits", pooling: str = "m
   if pooling not in POOLINGS:
     raise UserError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
   layers = model_layers(model, seq_len)
+  layer = layer or default_layer(layers)
   if layer not in layers:
     raise UserError(f"unknown layer {layer!r}; this model has {', '.join(layers)}")
   inputs = TextInputs(trained.tokenizer, seq_len)
-  return embed_records(trained.params, source, inputs.collate,
-                       text_embed_fn(model, layer, pooling), batch_size=batch_size,
-                       indices=indices, mesh=mesh, progress=progress, callback=callback)
+  result = embed_records(trained.params, source, inputs.collate,
+                         text_embed_fn(model, layer, pooling), batch_size=batch_size,
+                         indices=indices, mesh=mesh, progress=progress, callback=callback)
+  return dataclasses.replace(result, layer=layer)
 
 
 def embed_with_objective(trained, source, *, layer: str, pooling: str, batch_size: int = 64,
@@ -308,7 +340,7 @@ def write_npz(path: str, result: Embedded, source, meta: dict,
   return arrays
 
 
-def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str = "pre_logits",
+def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None = None,
                   pooling: str = "mean", batch_size: int = 64, seq_len: int | None = None,
                   sample: int | None = None, seed: int = 0, progress: bool = True,
                   callback=None) -> dict:
@@ -334,9 +366,11 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str = "pre_l
   kw = dict(layer=layer, pooling=pooling, batch_size=batch_size, indices=indices, mesh=mesh,
             progress=progress, callback=callback)
   if hooked:
+    kw["layer"] = layer or "pre_logits"
     result = embed_with_objective(trained, source, **kw)
   else:
     result = embed_texts(trained, source, seq_len=seq_len, **kw)
+  layer = result.layer or kw["layer"]
   seq = None if hooked else int(seq_len or trained.config.data.get("seq_len"))
   meta = {"workdir": os.path.abspath(workdir), "step": int(trained.step), "data": spec,
           "objective": trained.config.objective, "layer": layer, "pooling": pooling,

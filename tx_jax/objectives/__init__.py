@@ -17,6 +17,7 @@ OBJECTIVES = {
     "masked_lm": "tx_jax.objectives.masked_lm:MaskedLM",
     "span_corruption": "tx_jax.objectives.span_corruption:SpanCorruption",
     "seq2seq": "tx_jax.objectives.span_corruption:Seq2Seq",
+    "contrastive": "tx_jax.objectives.contrastive:SpanContrastive",
 }
 
 

@@ -186,6 +186,7 @@ _KNOWN: dict[str, Callable | str] = {
     "span_corruption": "tx_jax.train.experiments_text:span_corruption_experiment",
     "seq2seq": "tx_jax.train.experiments_text:seq2seq_experiment",
     "mae": "tx_jax.train.experiments_images:mae_experiment",
+    "contrastive": "tx_jax.train.contrastive_experiment:contrastive_experiment",
 }
 
 
