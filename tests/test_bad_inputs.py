@@ -164,6 +164,8 @@ ROWS = [
     ("config_without_get_config",
      ["train", "--config", "{data}/config_nothing.py", "--workdir", "{new}"],
      r"has no get_config", None),
+    ("config_file_json", ["train", "--config", "{trained}/config.json", "--workdir", "{new}"],
+     r"config\.json' is not a Python file with get_config", None),
     ("config_size_unknown", ["train", "--config", GPT + ":huge", "--workdir", "{new}"],
      r"unknown size 'huge'", None),
     ("override_without_value", [*NEW, "--config.train.steps"], r"needs a value", None),

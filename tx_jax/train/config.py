@@ -22,6 +22,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise UserError(f"config file {path!r} not found; pass e.g. --config configs/gpt.py")
   module_spec = importlib.util.spec_from_file_location(
       f"_tx_config_{abs(hash(os.path.abspath(path)))}", path)
+  if module_spec is None:  # not a .py file, e.g. a workdir's config.json
+    raise UserError(f"config file {path!r} is not a Python file with get_config(arg); pass e.g. "
+                    "--config configs/gpt.py (a workdir resumes with its own config.json)")
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
