@@ -36,7 +36,7 @@ from grain import experimental as grain_exp
 import numpy as np
 
 from tx_jax.data import masking
-from tx_jax.data.pipeline import LMIterator, _check_sizes
+from tx_jax.data.pipeline import LMIterator, _check_sizes, nonempty_batches
 from tx_jax.data.sources import TextSource
 from tx_jax.data.tokenizers import Tokenizer
 from tx_jax.errors import UserError
@@ -284,14 +284,8 @@ def _train_docs(source: TextSource, seed: int, shard_index: int, shard_count: in
 
 
 def _eval_iterable(ds: grain.IterDataset, source: TextSource):
-  def batches():
-    count = 0
-    for batch in ds:
-      count += 1
-      yield batch
-    if not count:
-      raise UserError(f"eval data {source.name} yields no example; there is nothing to evaluate")
-  return batches()
+  return nonempty_batches(
+      ds, f"eval data {source.name} yields no example; there is nothing to evaluate")
 
 
 MLM_FEATURES = ("targets", "weights", "token_types", "sentence_labels", "sentence_weights")

@@ -31,6 +31,7 @@ import numpy as np
 
 from tx_jax.data import corpora
 from tx_jax.data import sources as text_sources
+from tx_jax.data.pipeline import SettingsIterator
 from tx_jax.errors import UserError
 
 IMAGE_SPEC_FORMS = "embedded:digits, tfds:NAME[/CONFIG]:SPLIT, file:DIR (a folder of images)"
@@ -361,32 +362,8 @@ class _EvalImage(grain.transforms.Map):
             "valid": np.float32(1.0), "label": np.int32(record.get("label", -1))}
 
 
-class ImageIterator(grain.DatasetIterator):
-  """A grain iterator over image batches whose state records the pipeline
-  settings, so resuming with different data settings fails loudly."""
-
-  def __init__(self, parent: grain.DatasetIterator, config: dict[str, Any]):
-    super().__init__(parent)
-    self.config = config
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._parent)
-
-  def get_state(self) -> dict[str, Any]:
-    return {"config": dict(self.config), "grain": self._parent.get_state()}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    if not isinstance(state, dict) or "grain" not in state:
-      raise UserError("the saved data iterator state is not from tx_jax's image pipeline; "
-                      "start from a fresh workdir")
-    saved = state.get("config", {})
-    changed = sorted(k for k in set(saved) | set(self.config)
-                     if saved.get(k) != self.config.get(k))
-    if changed:
-      diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {self.config.get(k)!r}" for k in changed)
-      raise UserError(f"data settings changed since the checkpoint ({diffs}); restore them "
-                      "or train in a fresh workdir")
-    self._parent.set_state(state["grain"])
+class ImageIterator(SettingsIterator):
+  pipeline = "image"
 
 
 def image_train_iterator(source: ImageSource, prep: Preprocess, batch_size: int, seed: int,

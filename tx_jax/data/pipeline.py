@@ -119,9 +119,10 @@ def _packed_batches(ds: grain.MapDataset, tokenizer: Tokenizer, seq_len: int,
   return ds.batch(batch_size, batch_fn=_Collate(batch_size, seq_len))
 
 
-class LMIterator(grain.DatasetIterator):
-  """A grain iterator over LM batches whose state also records the pipeline
+class SettingsIterator(grain.DatasetIterator):
+  """A grain iterator over batches whose state also records the pipeline
   settings, so resuming with different data settings fails loudly."""
+  pipeline = "a"  # names the pipeline in the error for a foreign state
 
   def __init__(self, parent: grain.DatasetIterator, config: dict[str, Any]):
     super().__init__(parent)
@@ -136,7 +137,7 @@ class LMIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or "grain" not in state:
       raise UserError(
-          "the saved data iterator state is not from tx_jax's LM pipeline; "
+          f"the saved data iterator state is not from tx_jax's {self.pipeline} pipeline; "
           "start from a fresh workdir")
     saved = state.get("config", {})
     changed = sorted(k for k in set(saved) | set(self.config)
@@ -150,7 +151,11 @@ class LMIterator(grain.DatasetIterator):
     self._parent.set_state(state["grain"])
 
   def __str__(self):
-    return f"LMIterator({self.config})"
+    return f"{type(self).__name__}({self.config})"
+
+
+class LMIterator(SettingsIterator):
+  pipeline = "LM"
 
 
 def lm_train_iterator(
@@ -245,14 +250,15 @@ def lm_eval_batches(source: TextSource, tokenizer: Tokenizer, seq_len: int,
       shuffle_bins=False, num_packing_bins=batch_size, num_threads=0,
       max_empty_run=None)
 
-  def batches():
-    count = 0
-    for batch in ds:
-      count += 1
-      yield batch
-    if not count:
-      raise UserError(
-          f"eval data {source.name} has no document with 2 or more tokens; "
-          "there is nothing to evaluate")
+  return nonempty_batches(ds, f"eval data {source.name} has no document with 2 or more tokens; "
+                              "there is nothing to evaluate")
 
-  return batches()
+
+def nonempty_batches(batches, empty_message: str) -> Iterator[dict[str, np.ndarray]]:
+  """Yields `batches`; a pass that yields none is a user error (`empty_message`)."""
+  count = 0
+  for batch in batches:
+    count += 1
+    yield batch
+  if not count:
+    raise UserError(empty_message)

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import jax
 
-from tx_jax.data import sources, spans
-from tx_jax.errors import UserError
+from tx_jax.data import spans
 from tx_jax.train import optim
-from tx_jax.train.setup import Experiment, get_tokenizer, make_objective
+from tx_jax.train.setup import (Experiment, check_vocab, get_tokenizer, host_eval_batches,
+                                 make_objective, text_sources)
 
 
 def contrastive_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   d, t = config.data, config.train
-  train_source, eval_source = sources.train_eval_sources(
-      d.source, d.eval_source or None, 0.05, t.seed)
+  train_source, eval_source = text_sources(config)
   tok = get_tokenizer(config, workdir, create_tokenizer, train_source)
-  if config.model.vocab_size < tok.vocab_size:
-    raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                    f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+  check_vocab(config, tok)
   objective = make_objective(config, tok)  # objective_options.temperature
   n_proc, pid = jax.process_count(), jax.process_index()
   local_bs = t.batch_size // n_proc
@@ -32,13 +29,9 @@ def contrastive_experiment(config, workdir: str, create_tokenizer: bool) -> Expe
     return spans.span_train_iterator(train_source, tok, d.seq_len, local_bs, t.seed, min_span,
                                      shard_index=pid, shard_count=n_proc)
 
-  def eval_batches():
-    # Every host builds the same global batches and keeps its rows.
-    for i, batch in enumerate(spans.span_eval_batches(eval_source, tok, d.seq_len,
-                                                      t.batch_size, min_span)):
-      if d.eval_batches and i >= d.eval_batches:
-        return
-      yield {k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in batch.items()}
+  eval_batches = host_eval_batches(
+      lambda: spans.span_eval_batches(eval_source, tok, d.seq_len, t.batch_size, min_span),
+      d.eval_batches, t.batch_size)
 
   tx_lr = optim.lr_schedule(config.optim, t.steps)
   return Experiment(config, tok, objective, d.seq_len, 2 * t.batch_size * d.seq_len,

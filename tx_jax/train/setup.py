@@ -113,6 +113,34 @@ def make_objective(config, tok, **extra):
              **options, **extra)
 
 
+def check_vocab(config, tok):
+  """The model's vocabulary must hold every token id the tokenizer makes."""
+  if config.model.vocab_size < tok.vocab_size:
+    raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                    f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+
+
+def text_sources(config):
+  """(train, eval) text sources of a run under the config's document policy."""
+  d = config.data
+  return sources.train_eval_sources(d.source, d.eval_source or None, 0.05, config.train.seed,
+                                    DocPolicy.from_config(d))
+
+
+def host_eval_batches(make_batches, limit: int, batch_size: int):
+  """eval_batches() factory: every host builds the same global batches (at most
+  `limit`, 0 = all) and keeps its own rows."""
+  n_proc, pid = jax.process_count(), jax.process_index()
+  local = batch_size // n_proc
+
+  def batches():
+    for i, batch in enumerate(make_batches()):
+      if limit and i >= limit:
+        return
+      yield {k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}
+  return batches
+
+
 def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   d, t = config.data, config.train
   policy = DocPolicy.from_config(d)
@@ -123,12 +151,8 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
   if eval_source is None:
     train_source, eval_source = sources.holdout_split(train_source, 0.05, t.seed)
   tok = get_tokenizer(config, workdir, create_tokenizer, train_source)
-  if config.model.vocab_size < tok.vocab_size:
-    raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
-                    f"{tok.vocab_size}; set --config.model.vocab_size={tok.vocab_size}")
+  check_vocab(config, tok)
   objective = make_objective(config, tok)
-  n_proc, pid = jax.process_count(), jax.process_index()
-  local_bs = t.batch_size // n_proc
   shards, shard_count = process_shards(config)
 
   def train_iterator():
@@ -138,14 +162,9 @@ def _lm_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
                  for i in shards]
     return per_shard[0] if len(per_shard) == 1 else pipeline.ConcatRows(per_shard)
 
-  def eval_batches():
-    # Every host builds the same global batches and keeps its rows.
-    for i, batch in enumerate(pipeline.lm_eval_batches(eval_source, tok, d.seq_len,
-                                                       t.batch_size)):
-      if d.eval_batches and i >= d.eval_batches:
-        return
-      yield {k: v[pid * local_bs:(pid + 1) * local_bs] for k, v in batch.items()}
-
+  eval_batches = host_eval_batches(
+      lambda: pipeline.lm_eval_batches(eval_source, tok, d.seq_len, t.batch_size),
+      d.eval_batches, t.batch_size)
   tx_lr = optim.lr_schedule(config.optim, t.steps)
   return Experiment(config, tok, objective, d.seq_len, t.batch_size * d.seq_len,
                     train_iterator, eval_batches, lambda s: float(tx_lr(s)), data_stats)
