@@ -49,6 +49,7 @@ def main():
   p.add_argument("--train", action="store_true", help="train first (fresh workdir)")
   p.add_argument("--out", default=os.path.join(HERE, "results", "mae_digits.json"))
   p.add_argument("--mask-draws", type=int, default=5)
+  p.add_argument("--kmeans-seeds", type=int, default=5)
   args, extra = p.parse_known_args()
 
   training = None
@@ -75,8 +76,18 @@ def main():
   def probes(features_of):
     train_x, train_y = features_of(evaluation.train_src)
     test_x, test_y = features_of(evaluation.eval_src)
-    return probe_metrics(train_x, train_y, test_x, test_y, knn_k=config.evaluation.knn_k,
-                         seed=config.train.seed)
+    metrics = probe_metrics(train_x, train_y, test_x, test_y, knn_k=config.evaluation.knn_k,
+                            seed=config.train.seed)
+    # The k-means NMI's spread over k-means seeds (10 k-means++ restarts each).
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+    x, y = np.concatenate([train_x, test_x]).astype(np.float64), np.concatenate([train_y, test_y])
+    nmis = [normalized_mutual_info_score(
+        y, KMeans(len(np.unique(y)), n_init=10, random_state=s).fit_predict(x))
+            for s in range(args.kmeans_seeds)]
+    return {**metrics, "kmeans_nmi_seeds": {"n": len(nmis), "mean": float(np.mean(nmis)),
+                                            "min": float(np.min(nmis)),
+                                            "max": float(np.max(nmis))}}
 
   def pixels(src):
     x = np.stack([evaluation.prep.eval(src[i]["image"]).reshape(-1) for i in range(len(src))])
@@ -110,7 +121,18 @@ def main():
               "by its own mean/std (norm_pix_loss); predicting every masked patch's mean "
               "scores var/(var+1e-6) per patch: 1 on patches that are not flat, 0 on flat "
               "(all-background) ones"}
+  curve = []  # the probes logged at every eval while training
+  metrics_file = os.path.join(args.workdir, "metrics.jsonl")
+  if os.path.exists(metrics_file):
+    with open(metrics_file) as f:
+      for line in f:
+        row = json.loads(line)
+        if "eval/kmeans_nmi" in row:
+          curve.append({k.removeprefix("eval/"): row[k] for k in (
+              "step", "eval/loss", "eval/linear_probe_accuracy", "eval/knn_accuracy",
+              "eval/kmeans_nmi")})
   results.update({
+      "during_training": curve,
       "step": trained.step, "eval_seconds": time.perf_counter() - t0,
       "split": {"train": len(evaluation.train_src), "eval": n_eval,
                 "protocol": "probe fit on train, scored on eval; k-means on train + eval"},
@@ -148,13 +170,23 @@ def markdown(r: dict) -> str:
       f"`{t.get('command', 'tx-jax train --config configs/mae.py')}`: {r['train_steps']} steps, "
       f"batch {r['batch_size']}, mask ratio {r['mask_ratio']}; model {r['model']}.", "",
       (f"Training took {t['wall_s']:.0f} s wall ({t['cpu_s']:.0f} s CPU) on {r['machine']}, "
-       f"shared with other jobs (1-minute load average {t['load_average_1m_at_end']:.1f} at "
-       "the end), so timings are noisy and slow." if t else ""), "",
+       f"1-minute load average {t['load_average_1m_at_end']:.1f} at the end (above the core "
+       "count, other jobs shared the cores and slowed it)." if t else ""), "",
       f"Held-out split: {r['split']['train']} train / {r['split']['eval']} eval images; "
       f"{r['split']['protocol']}.", "",
       "| features | linear probe acc. | 20-NN acc. | k-means NMI |", "|---|---|---|---|"]
   lines += [f"| {name} | {m['linear_probe_accuracy']:.3f} | {m['knn_accuracy']:.3f} | "
             f"{m['kmeans_nmi']:.3f} |" for name, m in rows]
+  spread = [(name, m["kmeans_nmi_seeds"]) for name, m in rows if "kmeans_nmi_seeds" in m]
+  if spread:
+    lines += ["", f"k-means NMI over {spread[0][1]['n']} k-means seeds: " + "; ".join(
+        f"{name} {s['mean']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})"
+        for name, s in spread) + "."]
+  if r.get("during_training"):
+    lines += ["", "The same probes at each eval while training (`metrics.jsonl`):", "",
+              "| step | eval loss | linear probe | 20-NN | k-means NMI |", "|---|---|---|---|---|"]
+    lines += [f"| {c['step']} | {c['loss']:.3f} | {c['linear_probe_accuracy']:.3f} | "
+              f"{c['knn_accuracy']:.3f} | {c['kmeans_nmi']:.3f} |" for c in r["during_training"]]
   lines += ["", "Masked-patch reconstruction loss on the eval images (norm-pix MSE, "
             f"{r.get('mask_draws', 5)} mask draws):", "",
             "| predictor | loss |", "|---|---|",

@@ -365,6 +365,9 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
   want = trained.objective.encode(trained.params, pixels)[0]
   assert got["embeddings"].shape == (40, 32)
   np.testing.assert_allclose(got["embeddings"], want, atol=1e-4, rtol=1e-4)
+  # pre_logits is pooled by the model itself; the meta says so, not the unused --pooling.
+  meta = json.loads(str(got["meta"]))
+  assert (meta["layer"], meta["pooling"]) == ("pre_logits", f"model:{trained.config.model.pooling}")
   capsys.readouterr()
   assert cli.main(["analyze", "--embeddings", str(npz), "--out", str(tmp_path / "report"),
                    "--k", "10"]) == 0

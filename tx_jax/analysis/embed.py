@@ -371,6 +371,8 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None =
   else:
     result = embed_texts(trained, source, seq_len=seq_len, **kw)
   layer = result.layer or kw["layer"]
+  if hasattr(objective, "applied_pooling"):
+    pooling = objective.applied_pooling(layer, pooling)
   seq = None if hooked else int(seq_len or trained.config.data.get("seq_len"))
   meta = {"workdir": os.path.abspath(workdir), "step": int(trained.step), "data": spec,
           "objective": trained.config.objective, "layer": layer, "pooling": pooling,

@@ -151,6 +151,11 @@ class MAEObjective:
     raise ValueError(f"pooling {pooling!r} does not apply to layer {layer!r}; use mean"
                      + (" or cls" if has_cls else ""))
 
+  def applied_pooling(self, layer: str, pooling: str) -> str:
+    """What `embed_batch` did to pool `layer`: for "pre_logits", the model's own
+    pooling ("cls" token or patch "mean"), whatever `pooling` asked."""
+    return f"model:{self.vit.pooling}" if layer == "pre_logits" else pooling
+
   def patch_stats_inputs(self, params, images, rng):
     """Decoder states (B, N, Dd), mask (B, N) and each patch's pixel mean and std (B, N, 2)."""
     _, out = self.apply(params, images, rng)
