@@ -79,11 +79,10 @@ def main():
     metrics = probe_metrics(train_x, train_y, test_x, test_y, knn_k=config.evaluation.knn_k,
                             seed=config.train.seed)
     # The k-means NMI's spread over k-means seeds (10 k-means++ restarts each).
-    from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
-    x, y = np.concatenate([train_x, test_x]).astype(np.float64), np.concatenate([train_y, test_y])
-    nmis = [normalized_mutual_info_score(
-        y, KMeans(len(np.unique(y)), n_init=10, random_state=s).fit_predict(x))
+    from tx_jax.analysis.cluster import kmeans
+    x, y = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
+    nmis = [normalized_mutual_info_score(y, kmeans(x, len(np.unique(y)), s)[0])
             for s in range(args.kmeans_seeds)]
     return {**metrics, "kmeans_nmi_seeds": {"n": len(nmis), "mean": float(np.mean(nmis)),
                                             "min": float(np.min(nmis)),
