@@ -77,11 +77,14 @@ class Checkpointer:
     self.read_only = read_only
     self._sealer: threading.Thread | None = None
     self._seal_error: BaseException | None = None
+    # Orbax would remove them in a background thread, which races with the removal
+    # of a failed first run's workdir; here it happens before anything else.
+    self._remove_tmp_dirs()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(  # (orbax's read_only mode logs warnings)
             create=not read_only, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=False,
             preservation_policy=_KeepNewestSealed(keep, self.is_sealed)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
@@ -269,10 +272,15 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
-      if not self.read_only and jax.process_index() == 0 and os.path.isdir(self.directory):
-        for name in os.listdir(self.directory):  # left by an exception inside a save
-          if ocp.step.TMP_DIR_SUFFIX in name:
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      self._remove_tmp_dirs()  # left by an exception inside a save
+
+  def _remove_tmp_dirs(self):
+    """Removes orbax's temporary step directories (saves that never completed)."""
+    if self.read_only or jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if ocp.step.TMP_DIR_SUFFIX in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
 
 def abstract_with_shardings(shapes, shardings):

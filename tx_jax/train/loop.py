@@ -31,13 +31,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tx_jax import parallel
 from tx_jax.errors import UserError
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
-from tx_jax.train import optim, preemption, step as step_lib
+from tx_jax.train import optim, preemption, step as step_lib, workdir_lock
 from tx_jax.train.setup import build_experiment, init_state, state_shapes
 
 
@@ -79,7 +80,7 @@ def train(config, workdir: str) -> dict:
 
   with contextlib.ExitStack() as stack:  # closed in reverse: logs, signals, checkpoints
     # --- Workdir, data and model ---------------------------------------------------
-    stack.enter_context(_removed_if_first_run_fails(workdir))
+    stack.enter_context(_locked_workdir(workdir))
     checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
         async_save=t.async_checkpoints))
@@ -227,8 +228,12 @@ def _raise_if_halted(skip_run: int, step: int, halt_after: int, t, checkpointer)
 
 
 @contextlib.contextmanager
-def _removed_if_first_run_fails(workdir: str):
-  """Creates workdir; if the run fails while no checkpoint exists, removes what it created."""
+def _locked_workdir(workdir: str):
+  """Creates and locks workdir; a failed first run (no checkpoint yet) leaves no trace.
+
+  Process 0 holds the lock for the job (see workdir_lock.py); if the run fails
+  while no checkpoint exists, what it created is removed before the lock goes.
+  """
   existed = os.path.isdir(workdir)
   before = set(os.listdir(workdir)) if existed else set()
   try:
@@ -237,18 +242,42 @@ def _removed_if_first_run_fails(workdir: str):
     raise UserError(f"cannot create --workdir {workdir!r}: {e.strerror or e}") from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f"--workdir {workdir!r} is not writable; pick another directory")
+  lock, refused = workdir_lock.WorkdirLock(workdir), None
+  if _is_main():
+    try:
+      lock.acquire()
+    except UserError as e:
+      refused = e
+  if jax.process_count() > 1:  # every process learns process 0's answer
+    from jax.experimental import multihost_utils
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(refused is None))):
+      refused = refused or UserError(f"workdir {workdir!r} is in use (see process 0)")
+  if refused is not None:
+    raise refused
   try:
     yield
   except BaseException:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    has_steps = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
-    if _is_main() and not has_steps:
-      for name in set(os.listdir(workdir)) - before:
-        path = os.path.join(workdir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-      if not existed:
-        os.rmdir(workdir)
+    if _is_main():
+      _remove_new_entries_if_no_steps(workdir, before | {workdir_lock.LOCK_NAME})
     raise
+  finally:
+    lock.release()
+    if _is_main() and not existed and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+
+
+def _remove_new_entries_if_no_steps(workdir: str, keep: set[str]):
+  """Removes workdir entries not in `keep`, unless a checkpoint step exists."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+    return
+  for name in set(os.listdir(workdir)) - keep:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def _check_same_tokenizer_spec(config, workdir: str):
