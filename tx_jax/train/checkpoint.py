@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -38,13 +39,49 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tx_jax.errors import UserError
+from tx_jax.errors import IOFailure, UserError, describe_io_error, is_io_error
 
 MANIFEST = "manifest.json"
 REJECTED_DIR_SUFFIX = "_rejected"
 # Architecture fields that change how a model runs but not what it is; a
 # checkpoint may be resumed or evaluated with them changed.
 RUNTIME_MODEL_FIELDS = frozenset({"dtype", "remat", "attention_impl", "dropout_rate"})
+
+
+class _QuietOrbaxIOErrors(logging.Filter):
+  """Drops orbax's own log lines about a failed write: the run reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-except
+      return True
+    return not any(s in message for s in ("os_error_code", "No space left", "Failed to run",
+                                          "failed.", "Disk quota"))
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxIOErrors())
+
+
+def _quiet_closed_loop_hook(previous):
+  """sys.excepthook that drops 'Event loop is closed' from tensorstore's callbacks.
+
+  When one write of a save fails (a full disk), orbax closes its event loop while
+  tensorstore still completes the step's other writes; each completion prints that
+  traceback. The failed save itself is reported in one line (see _fail_save).
+  """
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+  hook.tx_jax_quiet = True
+  return hook
+
+
+if not getattr(sys.excepthook, "tx_jax_quiet", False):
+  sys.excepthook = _quiet_closed_loop_hook(sys.excepthook)
 
 
 @dataclasses.dataclass
@@ -224,9 +261,15 @@ class Checkpointer:
     `data_iterator` is a grain DatasetIterator; its state is written now.
     """
     self.wait()
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=force)
+    self._needs_bytes = self._size_estimate(state)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      if is_io_error(e):
+        self._fail_save(step, e)
+      raise
     if saved:
       self._sealer = threading.Thread(target=self._finish_and_seal, args=(step,),
                                       name=f"seal_checkpoint_{step}", daemon=True)
@@ -239,7 +282,7 @@ class Checkpointer:
       if jax.process_index() == 0:
         _write_manifest(self.step_dir(step))
     except BaseException as e:  # re-raised in the main thread by wait()
-      self._seal_error = e
+      self._seal_error = (step, e)
 
   def restore(self, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict]:
     """(state, meta) of `step`, onto the shardings carried by `abstract_state`'s leaves.
@@ -264,8 +307,46 @@ class Checkpointer:
       self._sealer.join()
       self._sealer = None
     if self._seal_error is not None:
-      error, self._seal_error = self._seal_error, None
+      (step, error), self._seal_error = self._seal_error, None
+      if is_io_error(error):
+        self._fail_save(step, error)
       raise error
+
+  # --- Failed saves (disk full, I/O errors) ---------------------------------------
+
+  def _size_estimate(self, state) -> int:
+    """Bytes the next step takes: the newest sealed step's files, else the state's arrays."""
+    for step in reversed(self.steps()):
+      try:
+        with open(os.path.join(self.step_dir(step), MANIFEST)) as f:
+          return sum(int(e["size"]) for e in json.load(f)["files"].values())
+      except (OSError, ValueError, KeyError, TypeError):
+        continue
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))
+
+  def _fail_save(self, step: int, error: BaseException):
+    """Removes what the failed save of `step` left and raises one IOFailure line."""
+    try:
+      self.manager.wait_until_finished()  # let orbax's other writes end before removing
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name == str(step) or name.startswith(f"{step}{ocp.step.TMP_DIR_SUFFIX}"):
+          path = os.path.join(self.directory, name)
+          if name != str(step) or not self.is_sealed(step):
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+      self.manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    sealed = [s for s in self.steps() if s != step and self.is_sealed(s)]
+    kept = ("the partial step was removed; the newest sealed checkpoint, step "
+            f"{max(sealed)}, is intact" if sealed else
+            "the partial step was removed; no checkpoint had been sealed yet")
+    raise IOFailure(describe_io_error(error, f"saving checkpoint step {step} to",
+                                      self.step_dir(step), getattr(self, "_needs_bytes", None),
+                                      kept)) from None
 
   def close(self):
     try:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tx_jax import parallel
-from tx_jax.errors import UserError
+from tx_jax.errors import UserError, io_operation
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
@@ -111,8 +111,10 @@ def train(config, workdir: str) -> dict:
     # --- Run records (written only now that every input checked out) --------------
     checkpointer.set_aside(rejected)  # so those steps can be written again
     if _is_main():
-      config_lib.save_json(config, os.path.join(workdir, "config.json"))
-      _write_json(os.path.join(workdir, "data_stats.json"), exp.data_stats)
+      with io_operation("writing the run's config", os.path.join(workdir, "config.json")):
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+      with io_operation("writing data statistics", os.path.join(workdir, "data_stats.json")):
+        _write_json(os.path.join(workdir, "data_stats.json"), exp.data_stats)
     _report_data_stats(exp.data_stats)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=_is_main())
     stack.callback(writer.close)
