@@ -18,8 +18,15 @@ class _Parser(argparse.ArgumentParser):
   """argparse that reports errors in one line and exits 2."""
 
   def error(self, message):
-    sys.stderr.write(f"tx-jax: error: {message} (see tx-jax {self.prog.split()[-1]} --help)\n")
+    command = " ".join(self.prog.split()[1:2])
+    help_hint = f"tx-jax {command} --help" if command else "tx-jax --help"
+    sys.stderr.write(f"tx-jax: error: {_one_line(message)} (see {help_hint})\n")
     sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+  """text with every line break (CR, LF, U+2028, ... as str.splitlines sees them) a space."""
+  return " ".join(str(text).splitlines())
 
 
 TOPICS_EPILOG = """steps, each kept in OUT:
@@ -383,7 +390,7 @@ def cmd_topics(args, _):
 
 
 def _fail(error, status: int) -> int:
-  message = " ".join(str(error).split("\n"))  # always one line
+  message = _one_line(error)  # always one line, whatever the input held
   sys.stderr.write(f"tx-jax: error: {message}\n")
   return status
 

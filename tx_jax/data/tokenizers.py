@@ -237,6 +237,9 @@ def train_sentencepiece(
     raise UserError(
         f"unknown SentencePiece model_type '{model_type}'; use unigram, bpe, "
         "char or word")
+  if isinstance(vocab_size, bool) or not 1 <= int(vocab_size) <= 2**31 - 1:
+    raise UserError(f"vocab size {vocab_size} is out of range; give a positive --vocab-size "
+                    "(a few thousand pieces suit most corpora)")
   max_chars = 4096
   sentences = [s for s in _training_sentences(texts, max_chars) if s]
   if not sentences:
@@ -261,7 +264,7 @@ def train_sentencepiece(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:
     raise UserError(_explain_spm_error(str(e), vocab_size)) from None
   proto = model.getvalue()
   sp = spm.SentencePieceProcessor(model_proto=proto)

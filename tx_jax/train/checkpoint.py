@@ -178,9 +178,11 @@ class Checkpointer:
     """(newest step that verifies or None, newer steps that failed).
 
     Warns in one stderr line when steps were passed over; raises UserError when
-    steps exist but none verifies. Every process gets process 0's answer.
+    steps exist but none verifies, except in a writable run where none was ever
+    sealed (a kill during the first save): those are all returned as rejected,
+    so training starts over. Every process gets process 0's answer.
     """
-    good, reasons = None, []
+    good, reasons, unsealed_only = None, [], True
     if jax.process_index() == 0:
       for step in reversed(self.steps()):
         reason = self.verify(step)
@@ -188,13 +190,21 @@ class Checkpointer:
           good = step
           break
         reasons.append(f"step {step}: {reason}")
-    if jax.process_count() > 1:  # -1: no steps at all; -2: none verifies
+        unsealed_only = unsealed_only and not self.is_sealed(step)
+    if jax.process_count() > 1:  # -1: no steps at all; -2: none verifies; -3: none sealed
       from jax.experimental import multihost_utils
-      code = good if good is not None else (-2 if reasons else -1)
+      code = good if good is not None else (
+          -1 if not reasons else -3 if unsealed_only else -2)
       code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
       good = code if code >= 0 else None
-      if code == -2 and not reasons:
+      unsealed_only = code == -3
+      if code in (-2, -3) and not reasons:
         reasons = ["see process 0"]
+    if reasons and good is None and unsealed_only and not self.read_only:
+      # Killed during the very first save: nothing was ever complete, so start over.
+      sys.stderr.write(f"tx-jax: warning: skipping checkpoint {'; '.join(reasons)}; "
+                       f"starting from step 0\n")
+      return None, self.steps()
     if reasons and good is None:
       raise UserError(f"no intact checkpoint in {self.directory} ({'; '.join(reasons)}); "
                       f"move the directory away to start over, or use a new --workdir")
