@@ -3,10 +3,17 @@
 config/mesh checks -> workdir -> data/model -> restore (verified, compatible)
 -> run records -> jitted steps -> loop (log, eval, checkpoint, graceful stop).
 
-What a run survives (details in checkpoint.py, preemption.py and step.py):
+What a run survives (details in checkpoint.py, preemption.py, step.py and
+workdir_lock.py):
+- A second run on the same workdir: process 0 locks it first; the second run
+  exits 2 naming the holder, and a dead holder's lock is taken over.
 - Bad input: everything a user can get wrong is checked before the workdir
   changes, and a fresh workdir whose first run fails before its first
   checkpoint is removed again, so the next run starts clean.
+- A full disk or failing filesystem: an IOFailure (exit 3) names the operation
+  and path (for a checkpoint, the room it needs); a failed save leaves no
+  partial step, the newest sealed checkpoint stays, and the same command
+  resumes from it once there is space.
 - Kills and crashes: checkpoints are sealed with a manifest and verified on
   restore; a run resumes from the newest intact one and loses only the steps
   after it, bit-identically (data-iterator state is checkpointed too).
