@@ -2,12 +2,15 @@
 
 User mistakes (UserError, bad flags) exit with status 2 and one line on
 stderr; nothing in an existing workdir is touched before the inputs check out.
+A failed read or write of the command's own files (disk full, read-only or
+failing filesystem: IOFailure or OSError) exits with status 3 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -15,8 +18,15 @@ class _Parser(argparse.ArgumentParser):
   """argparse that reports errors in one line and exits 2."""
 
   def error(self, message):
-    sys.stderr.write(f"tx-jax: error: {message} (see tx-jax {self.prog.split()[-1]} --help)\n")
+    command = " ".join(self.prog.split()[1:2])
+    help_hint = f"tx-jax {command} --help" if command else "tx-jax --help"
+    sys.stderr.write(f"tx-jax: error: {_one_line(message)} (see {help_hint})\n")
     sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+  """text with every line break (CR, LF, U+2028, ... as str.splitlines sees them) a space."""
+  return " ".join(str(text).splitlines())
 
 
 TOPICS_EPILOG = """steps, each kept in OUT:
@@ -210,6 +220,12 @@ def cmd_topics(args, _):
   run_topics(args)
 
 
+def _fail(error, status: int) -> int:
+  message = _one_line(error)  # always one line, whatever the input held
+  sys.stderr.write(f"tx-jax: error: {message}\n")
+  return status
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "tokenizer": cmd_tokenizer, "benchmark": cmd_benchmark, "embed": cmd_embed,
             "analyze": cmd_analyze, "topics": cmd_topics}
@@ -220,13 +236,18 @@ def main(argv=None) -> int:
   args, overrides = parser.parse_known_args(argv)
   if overrides and args.command not in ("train", "benchmark"):
     parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-  from tx_jax.errors import UserError
+  from tx_jax import errors
   try:
     COMMANDS[args.command](args, overrides)
-  except UserError as e:
-    message = " ".join(str(e).split("\n"))  # always one line
-    sys.stderr.write(f"tx-jax: error: {message}\n")
-    return 2
+  except errors.UserError as e:
+    return _fail(e, errors.USER_ERROR_STATUS)
+  except errors.IOFailure as e:
+    return _fail(e, errors.IO_FAILURE_STATUS)
+  except OSError as e:  # a read or write the command did not name: still the machine's
+    if os.environ.get("TX_JAX_TRACEBACK"):
+      raise
+    return _fail(errors.describe_io_error(e, f"{args.command}: file operation on",
+                                          e.filename or "?"), errors.IO_FAILURE_STATUS)
   except KeyboardInterrupt:
     sys.stderr.write("tx-jax: interrupted\n")
     return 130

@@ -211,6 +211,18 @@ def write_npz(path: str, result: Embedded, source, meta: dict,
   return arrays
 
 
+def _check_out_dir(out_path: str):
+  """UserError now, before the model loads, if out_path's directory cannot be made."""
+  parent = os.path.dirname(os.path.abspath(out_path))
+  while not os.path.isdir(parent):
+    if os.path.lexists(parent):
+      raise UserError(f"--out {out_path!r}: {parent!r} is not a directory; pick another path")
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"--out {out_path!r}: cannot create files under {parent!r} (not "
+                    "writable); pick another path")
+
+
 def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None = None,
                   pooling: str = "mean", batch_size: int = 64, seq_len: int | None = None,
                   sample: int | None = None, seed: int = 0, progress: bool = True,
@@ -221,6 +233,7 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None =
   """
   if not out_path.endswith(".npz"):
     raise UserError(f"--out {out_path!r} must end in .npz")
+  _check_out_dir(out_path)
   mesh = embed_mesh()
   trained = load_trained(workdir, mesh=mesh)
   objective = trained.objective

@@ -3,7 +3,8 @@
 Specs:
   embedded:python-docs[:train|:eval|:all]   CPython doc topics (default: train)
   embedded:stdlib-docstrings                stdlib docstrings, labelled by package
-  file:PATH                                 .txt, .jsonl or .csv
+  file:PATH                                 .jsonl, .csv or text (.txt, .md, .rst,
+                                            LICENSE, any other UTF-8 file), each also .gz
   tfds:NAME[/CONFIG]:SPLIT                  `tfds.data_source` (no TensorFlow)
 
 A `TextSource` has `len(src)` and `src[i] -> {"text": str}` plus `"label"` when
@@ -34,7 +35,7 @@ from tx_jax.errors import UserError
 
 SPEC_FORMS = (
     "embedded:python-docs[:train|:eval], embedded:stdlib-docstrings, "
-    "file:PATH.txt|.jsonl|.csv, tfds:NAME[/CONFIG]:SPLIT")
+    "file:PATH (.jsonl, .csv or text, also .gz), tfds:NAME[/CONFIG]:SPLIT")
 
 
 class TextSource(Source):
@@ -111,19 +112,74 @@ def _open_embedded(spec: str, policy: DocPolicy) -> TextSource:
 # ------------------------------------------------------------------------ files
 
 
-def _read_utf8(path: str, strict: bool = True) -> str:
-  """File contents as text; one-line UserError for missing/empty/non-UTF-8.
+# Formats that are never documents; anything else that decodes as UTF-8 is text.
+_BINARY_EXTS = frozenset({
+    ".parquet", ".arrow", ".feather", ".avro", ".orc", ".npy", ".npz", ".pkl", ".pickle",
+    ".h5", ".hdf5", ".zip", ".tar", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".pdf", ".doc",
+    ".docx", ".xls", ".xlsx", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".mp3", ".mp4",
+    ".wav", ".so", ".exe", ".bin"})
+_COMPRESSED = (".gz", ".zst")
+_READ_CHUNK = 1 << 20
 
-  strict=False keeps undecodable bytes as surrogate escapes for apply_policy.
-  """
+
+def _check_readable(path: str):
+  """One-line UserError for a missing path, a symlink loop, a directory or a non-file."""
   if not os.path.exists(path):
+    if os.path.lexists(path):
+      raise UserError(f"data file '{path}' is a broken symlink or a symlink loop; point "
+                      "file: at the real file")
     raise UserError(f"data file '{path}' does not exist; check the path in file:PATH")
   if os.path.isdir(path):
     raise UserError(
         f"data path '{path}' is a directory; point file: at a .txt, .jsonl or "
         ".csv file")
-  with open(path, "rb") as f:
-    data = f.read()
+  if not os.path.isfile(path):
+    raise UserError(f"data path '{path}' is not a regular file (a device, pipe or socket); "
+                    "point file: at a file on disk")
+
+
+def _read_bytes(path: str) -> bytes:
+  """The file's bytes; `.gz` decompressed as a stream (`.zst` when zstandard is installed)."""
+  _check_readable(path)
+  try:
+    if path.lower().endswith(".gz"):
+      import gzip  # pylint: disable=g-import-not-at-top
+      import zlib  # pylint: disable=g-import-not-at-top
+      chunks = []
+      try:
+        with gzip.open(path, "rb") as f:
+          for block in iter(lambda: f.read(_READ_CHUNK), b""):
+            chunks.append(block)
+      except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"data file '{path}' is not a complete gzip file ({e or 'truncated'}); "
+                        "re-compress it with gzip or give the uncompressed file") from None
+      return b"".join(chunks)
+    if path.lower().endswith(".zst"):
+      try:
+        import zstandard  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise UserError(f"data file '{path}' is zstd-compressed and the zstandard package is "
+                        "not installed; `pip install zstandard` or decompress it "
+                        "(`zstd -d`)") from None
+      try:
+        with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as r:
+          return b"".join(iter(lambda: r.read(_READ_CHUNK), b""))
+      except zstandard.ZstdError as e:
+        raise UserError(f"data file '{path}' is not a valid zstd file ({e})") from None
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f"cannot read data file '{path}': {e.strerror or e}; check its "
+                    "permissions") from None
+
+
+def _read_utf8(path: str, strict: bool = True) -> str:
+  """File contents as text; one-line UserError for missing/empty/non-UTF-8.
+
+  strict=False keeps undecodable bytes as surrogate escapes for apply_policy.
+  A UTF-8 byte order mark is dropped; `.gz` files are decompressed.
+  """
+  data = _read_bytes(path)
   if not data.strip():
     raise UserError(f"data file '{path}' is empty; it needs at least one document")
   if not strict:
@@ -139,7 +195,7 @@ def _read_utf8(path: str, strict: bool = True) -> str:
 
 
 def _read_txt(path: str, text: str):
-  text = text.replace("\r\n", "\n").strip()
+  text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
   lines = text.split("\n")
   # A blank line between non-blank ones means paragraphs are the documents.
   if any(not line.strip() for line in lines):
@@ -224,18 +280,26 @@ def _read_csv(path: str, text: str):
   return texts, labels if label_col is not None else None
 
 
-_FILE_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
+_FILE_READERS = {".jsonl": _read_jsonl, ".csv": _read_csv}  # anything else: _read_txt
+
+
+def _file_format(path: str) -> str:
+  """The extension that picks the reader: `.jsonl` of `posts.jsonl.gz`, "" for `LICENSE`."""
+  stem, ext = os.path.splitext(path)
+  if ext.lower() in _COMPRESSED:
+    ext = os.path.splitext(stem)[1]
+  return ext.lower()
 
 
 def _open_file(path: str, policy: DocPolicy) -> TextSource:
   path = os.path.expanduser(path)
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in _FILE_READERS:
+  ext = _file_format(path)
+  if ext in _BINARY_EXTS:
     raise UserError(
-        f"unsupported data file '{path}'; use a .txt (one document per line "
-        "or blank-line separated), .jsonl or .csv file")
+        f"unsupported data file '{path}' ({ext} is not text); use a text file (.txt, .md, "
+        "... one document per line or blank-line separated), .jsonl or .csv, optionally .gz")
   text = _read_utf8(path, strict=policy.invalid_utf8 == "error")
-  texts, labels = _FILE_READERS[ext](path, text)
+  texts, labels = _FILE_READERS.get(ext, _read_txt)(path, text)
   if not texts:
     raise UserError(
         f"data file '{path}' has no non-empty documents; it needs at least one")

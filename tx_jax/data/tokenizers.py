@@ -13,12 +13,13 @@ for SentencePiece) and read back with `load_tokenizer`.
 from collections.abc import Iterable, Sequence
 import hashlib
 import json
+import io
 import os
 import re
 
 import numpy as np
 
-from tx_jax.errors import UserError
+from tx_jax.errors import UserError, io_operation
 
 _CONFIG_FILE = "tokenizer.json"
 _SPM_FILE = "tokenizer.model"
@@ -236,6 +237,9 @@ def train_sentencepiece(
     raise UserError(
         f"unknown SentencePiece model_type '{model_type}'; use unigram, bpe, "
         "char or word")
+  if isinstance(vocab_size, bool) or not 1 <= int(vocab_size) <= 2**31 - 1:
+    raise UserError(f"vocab size {vocab_size} is out of range; give a positive --vocab-size "
+                    "(a few thousand pieces suit most corpora)")
   max_chars = 4096
   sentences = [s for s in _training_sentences(texts, max_chars) if s]
   if not sentences:
@@ -243,11 +247,13 @@ def train_sentencepiece(
         "cannot train a tokenizer on an empty corpus; point --data at a "
         "source with some text")
   out_dir = os.path.dirname(os.path.abspath(out_prefix))
-  os.makedirs(out_dir, exist_ok=True)
+  with io_operation("creating the tokenizer directory", out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+  model = io.BytesIO()  # SentencePiece's own file writer ignores a full disk
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
-        model_prefix=out_prefix,
+        model_writer=model,
         vocab_size=int(vocab_size),
         model_type=model_type,
         byte_fallback=True,
@@ -258,9 +264,28 @@ def train_sentencepiece(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:
     raise UserError(_explain_spm_error(str(e), vocab_size)) from None
+  proto = model.getvalue()
+  sp = spm.SentencePieceProcessor(model_proto=proto)
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+  _write_atomically(out_prefix + ".model", proto, "writing the SentencePiece model")
+  _write_atomically(out_prefix + ".vocab", vocab.encode("utf-8"), "writing the SentencePiece vocab")
   return SentencePieceTokenizer(out_prefix + ".model", specials)
+
+
+def _write_atomically(path: str, data: bytes, operation: str):
+  """path's bytes replaced whole (tmp file + rename); an IOFailure leaves no partial file."""
+  tmp = path + ".tmp"
+  with io_operation(operation, path):
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+      os.replace(tmp, path)
+    except OSError:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 def _explain_spm_error(message: str, vocab_size: int) -> str:
