@@ -142,7 +142,8 @@ def test_readme_block_runs_as_written(heading, scratch):
 def test_library_example_runs():
   text = _readme()
   section = text[text.index("## Use as a library"):]
-  code = section[section.index("```python\n") + len("```python\n"):section.index("\n```")]
+  start = section.index("```python\n") + len("```python\n")
+  code = section[start:section.index("\n```", start)]
   check = '\nprint(tuple(logits.shape), tuple(out["pre_logits"].shape))\n'
   out = subprocess.run([sys.executable, "-c", code + check], env=_env(), capture_output=True,
                        text=True, timeout=300)
