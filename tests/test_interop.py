@@ -115,3 +115,172 @@ def test_bert_model_padding_and_export(tmp_path):
     ref2 = back(torch.tensor(tokens), attention_mask=torch.tensor(mask),
                 token_type_ids=torch.tensor(types)).last_hidden_state.numpy()
   assert _max_abs(ref2[real], ref[real]) < ATOL
+
+
+# ------------------------------------------------------------------ GPT-2
+
+GPT2 = dict(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=96,
+            eos_token_id=96)
+
+
+def _gpt2(tmp_path):
+  hf = _randomize(transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)))
+  hf.save_pretrained(str(tmp_path))
+  return hf, interop.load_hf(str(tmp_path))
+
+
+def test_gpt2_parity_and_greedy(tmp_path):
+  from tx_jax import generate
+  hf, imported = _gpt2(tmp_path / "hf")
+  assert (imported.family, imported.objective) == ("gpt2", "causal_lm")
+  model = interop.build_model("gpt2", imported.model_config)
+  assert _tree_shapes(imported.params) == _init_shapes(model, jnp.zeros((1, 4), jnp.int32))
+  tokens = np.random.default_rng(3).integers(0, GPT2["vocab_size"], (2, 16))
+  logits, out = model.apply({"params": imported.params}, jnp.asarray(tokens, jnp.int32))
+  with torch.no_grad():
+    ref = hf(torch.tensor(tokens), output_hidden_states=True)
+  hidden_err, logits_err = (_max_abs(out["pre_logits"], ref.hidden_states[-1]),
+                            _max_abs(logits, ref.logits))
+  print(f"GPT-2: hidden {hidden_err:.2e} logits {logits_err:.2e}")
+  assert hidden_err < ATOL and logits_err < ATOL
+  # Greedy continuation: tx_jax's KV-cache sampler against transformers' generate.
+  prompt = tokens[:, :5]
+  ours = generate.sample(model, imported.params, jnp.asarray(prompt, jnp.int32),
+                         jax.random.key(0), max_new_tokens=12, temperature=0.0)
+  with torch.no_grad():
+    theirs = hf.generate(torch.tensor(prompt), attention_mask=torch.ones_like(
+        torch.tensor(prompt)), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+        pad_token_id=GPT2["eos_token_id"])
+  np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def test_gpt2_export_roundtrip(tmp_path):
+  hf, imported = _gpt2(tmp_path / "hf")
+  interop.save_hf("gpt2", imported.model_config, imported.params, str(tmp_path / "out"))
+  back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+  tokens = torch.tensor(np.random.default_rng(4).integers(0, GPT2["vocab_size"], (2, 10)))
+  with torch.no_grad():
+    assert _max_abs(back(tokens).logits, hf(tokens).logits) < ATOL
+  again = interop.load_hf(str(tmp_path / "out"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, imported.params)
+  assert again.model_config == imported.model_config
+
+
+# ------------------------------------------------------------------ T5
+
+T5 = dict(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+          num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+          decoder_start_token_id=0)
+
+
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_t5_parity_and_export(tmp_path, version):
+  extra = (dict(feed_forward_proj="relu", tie_word_embeddings=True) if version == "v1.0" else
+           dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+  hf = _randomize(transformers.T5ForConditionalGeneration(transformers.T5Config(**T5, **extra)))
+  if version == "v1.1":  # transformers 5 ties lm_head; a v1.1 checkpoint holds its own
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn(hf.lm_head.weight.shape) * 0.1)
+  hf.save_pretrained(str(tmp_path / "hf"))
+  hf = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "hf")).eval()
+  imported = interop.load_hf(str(tmp_path / "hf"))
+  assert (imported.family, imported.objective) == ("t5", "span_corruption")
+  assert imported.model_config["tie_embeddings"] == (version == "v1.0")
+  model = interop.build_model("t5", imported.model_config)
+  t = jnp.zeros((1, 4), jnp.int32)
+  assert _tree_shapes(imported.params) == _init_shapes(model, t, t)
+  rng = np.random.default_rng(5)
+  # 40 > max_distance: the far, log-spaced buckets are exercised too.
+  inputs, targets = rng.integers(0, T5["vocab_size"], (2, 40)), rng.integers(0, 101, (2, 30))
+  logits, out = model.apply({"params": imported.params}, jnp.asarray(inputs, jnp.int32),
+                            jnp.asarray(targets, jnp.int32))
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(inputs), decoder_input_ids=torch.tensor(targets),
+             output_hidden_states=True)
+  enc_err = _max_abs(out["encoded"], ref.encoder_last_hidden_state)
+  dec_err = _max_abs(out["pre_logits"], ref.decoder_hidden_states[-1])
+  logits_err = _max_abs(logits, ref.logits)
+  print(f"T5 {version}: encoder {enc_err:.2e} decoder {dec_err:.2e} logits {logits_err:.2e}")
+  assert enc_err < ATOL and dec_err < ATOL and logits_err < ATOL
+  interop.save_hf("t5", imported.model_config, imported.params, str(tmp_path / "out"))
+  back = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+  with torch.no_grad():
+    back_logits = back(input_ids=torch.tensor(inputs),
+                       decoder_input_ids=torch.tensor(targets)).logits
+  assert _max_abs(back_logits, ref.logits) < ATOL
+  again = interop.load_hf(str(tmp_path / "out"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, imported.params)
+
+
+# ------------------------------------------------------------------ ViT, ViT-MAE
+
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+           image_size=16, patch_size=4, num_channels=3)
+
+
+def test_vit_parity_and_export(tmp_path):
+  hf = _randomize(transformers.ViTModel(transformers.ViTConfig(**VIT)))
+  hf.save_pretrained(str(tmp_path / "hf"))
+  imported = interop.load_hf(str(tmp_path / "hf"))
+  assert (imported.family, imported.objective) == ("vit", None)
+  model = interop.build_model("vit", imported.model_config)
+  images = np.random.default_rng(6).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+  assert _tree_shapes(imported.params) == _init_shapes(model, nhwc)
+  _, out = model.apply({"params": imported.params}, nhwc)
+  with torch.no_grad():
+    ref = hf(torch.tensor(images)).last_hidden_state.numpy()
+  err = _max_abs(out["encoded"], ref)
+  print(f"ViT: hidden {err:.2e}")
+  assert err < ATOL and _max_abs(out["pre_logits"], ref[:, 0]) < ATOL
+  interop.save_hf("vit", imported.model_config, imported.params, str(tmp_path / "out"))
+  back = transformers.ViTModel.from_pretrained(str(tmp_path / "out")).eval()
+  with torch.no_grad():
+    assert _max_abs(back(torch.tensor(images)).last_hidden_state, ref) < ATOL
+  again = interop.load_hf(str(tmp_path / "out"))
+  jax.tree_util.tree_map(np.testing.assert_allclose, again.params, imported.params)
+
+
+def _mae_sincos(hf):
+  """The fixed tables pretrained MAE checkpoints hold, by transformers' own code (a fresh
+  transformers 5 model can leave them zero): its canonical table with the halves swapped."""
+  from transformers.models.vit_mae import modeling_vit_mae as m
+  for param in (hf.vit.embeddings.position_embeddings, hf.decoder.decoder_pos_embed):
+    table = m.build_2d_sinusoidal_position_embedding(height=4, width=4,
+                                                     embed_dim=param.shape[-1], cls_token=True)
+    half = table.shape[-1] // 2
+    with torch.no_grad():
+      param.copy_(torch.cat([table[..., half:], table[..., :half]], -1)[None])
+
+
+def test_vit_mae_parity_and_export(tmp_path):
+  config = transformers.ViTMAEConfig(**VIT, decoder_hidden_size=16, decoder_num_hidden_layers=2,
+                                     decoder_num_attention_heads=2, decoder_intermediate_size=32,
+                                     mask_ratio=0.75)
+  hf = _randomize(transformers.ViTMAEForPreTraining(config))
+  _mae_sincos(hf)
+  hf.save_pretrained(str(tmp_path / "hf"))
+  imported = interop.load_hf(str(tmp_path / "hf"))
+  assert (imported.family, imported.objective) == ("vit_mae", "mae")
+  model = interop.build_model("vit_mae", imported.model_config, imported.objective_options)
+  rng = np.random.default_rng(7)
+  images = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+  noise = rng.uniform(size=(2, 16)).astype(np.float32)
+  nhwc = jnp.asarray(images.transpose(0, 2, 3, 1))
+  assert _tree_shapes(imported.params) == _init_shapes(model, nhwc, rngs=("params", "mask"))
+  pred, out = model.apply({"params": imported.params}, nhwc, noise=jnp.asarray(noise))
+  with torch.no_grad():
+    ref = hf(torch.tensor(images), noise=torch.tensor(noise), output_hidden_states=True)
+  mask_equal = np.array_equal(np.asarray(out["mask"]), ref.mask.numpy())
+  enc_err = _max_abs(out["encoded"], hf.vit(torch.tensor(images), noise=torch.tensor(noise)
+                                            ).last_hidden_state.detach())
+  pred_err = _max_abs(pred, ref.logits)
+  print(f"ViT-MAE: encoder {enc_err:.2e} pixels {pred_err:.2e}")
+  assert mask_equal and enc_err < ATOL and pred_err < ATOL
+  interop.save_hf("vit_mae", imported.model_config, imported.params, str(tmp_path / "out"),
+                  objective_options=imported.objective_options)
+  back = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "out")).eval()
+  with torch.no_grad():
+    back_logits = back(torch.tensor(images), noise=torch.tensor(noise)).logits
+  assert _max_abs(back_logits, ref.logits) < ATOL
+  again = interop.load_hf(str(tmp_path / "out"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, imported.params)

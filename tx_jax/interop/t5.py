@@ -4,12 +4,18 @@ Pre-RMSNorm blocks without biases, relative position bias (one table per
 stack, in Hugging Face's first block), no 1/sqrt(head dim) in attention
 (`attention_scale=1`). v1.0: ReLU MLP, readout tied to the shared embedding
 with the hidden states scaled by d_model**-0.5 first (`scale_tied_readout`).
-v1.1: gated tanh-GELU MLP (wi_0 -> wi, wi_1 -> wi_gate), untied readout.
+v1.1: gated tanh-GELU MLP (wi_0 -> wi, wi_1 -> wi_gate), no scaling, and an
+untied `lm_head` when the checkpoint holds one that differs from `shared`
+(transformers 5 saves v1.1 tied, without lm_head, and `scale_decoder_outputs`
+false; older files have tie_word_embeddings false and an lm_head). Exports
+without the scaling always write lm_head and tie_word_embeddings false, which
+every transformers version reads the same way.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from tx_jax.errors import UserError
 from tx_jax.interop import common
@@ -31,11 +37,16 @@ def _activation(hf: dict) -> tuple[str, bool]:
   return common.hf_activation(act, "T5"), gated
 
 
-def model_config(hf: dict) -> dict:
+def model_config(hf: dict, untied_head: bool) -> dict:
+  """tx_jax fields; `untied_head`: the checkpoint's lm_head differs from `shared`."""
   where = "T5"
   req = lambda key: common.require(hf, key, where)
   activation, gated = _activation(hf)
-  tied = hf.get("tie_word_embeddings", True)
+  scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+  tied = not untied_head
+  if scaled and not tied:
+    raise UserError(f"{where}: a separate lm_head with scaled decoder outputs is not supported "
+                    "(tx_jax scales only a tied readout)")
   num_layers = req("num_layers")
   return dict(vocab_size=req("vocab_size"), num_encoder_layers=num_layers,
               num_layers=hf.get("num_decoder_layers") or num_layers, d_model=req("d_model"),
@@ -45,15 +56,16 @@ def model_config(hf: dict) -> dict:
               relative_max_distance=hf.get("relative_attention_max_distance", 128),
               norm="rmsnorm", norm_eps=hf.get("layer_norm_epsilon", 1e-6), pre_norm=True,
               activation=activation, gated_mlp=gated, use_bias=False, tie_embeddings=tied,
-              share_embeddings=True, scale_tied_readout=tied, attention_scale=1.0,
+              share_embeddings=True, scale_tied_readout=scaled, attention_scale=1.0,
               dropout_rate=hf.get("dropout_rate", 0.1))
 
 
 def hf_config(cfg: TransformerConfig) -> dict:
   common.check_exportable(cfg, "T5", free_head_dim=True, positions="relative", norm="rmsnorm",
                           pre_norm=True, use_bias=False, share_embeddings=True,
-                          attention_scale=1.0, scale_tied_readout=cfg.tie_embeddings,
-                          type_vocab_size=0)
+                          attention_scale=1.0, type_vocab_size=0)
+  if cfg.scale_tied_readout and not cfg.tie_embeddings:
+    raise UserError("T5 cannot express model.scale_tied_readout with an untied readout")
   act = common.tx_activation(cfg.activation)
   if cfg.gated_mlp:
     proj = "gated-gelu" if act == "gelu_new" else f"gated-{act}"
@@ -72,7 +84,7 @@ def hf_config(cfg: TransformerConfig) -> dict:
           "relative_attention_num_buckets": cfg.relative_buckets,
           "relative_attention_max_distance": cfg.relative_max_distance,
           "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": proj,
-          "tie_word_embeddings": cfg.tie_embeddings, "dropout_rate": cfg.dropout_rate,
+          "tie_word_embeddings": cfg.scale_tied_readout, "dropout_rate": cfg.dropout_rate,
           "n_positions": cfg.max_len, "is_encoder_decoder": True, "pad_token_id": 0,
           "eos_token_id": 1, "decoder_start_token_id": 0}
 
@@ -115,9 +127,18 @@ def rules(cfg: TransformerConfig):
   return out
 
 
+def _untied_head(hf: dict, reader: common.TensorReader) -> bool:
+  if "lm_head.weight" not in reader.names():
+    return False
+  if not hf.get("tie_word_embeddings", True):
+    return True
+  return not ("shared.weight" in reader.names() and
+              np.array_equal(reader.read("lm_head.weight"), reader.read("shared.weight")))
+
+
 def load(hf: dict, architecture: str, reader: common.TensorReader, source: str
          ) -> common.Imported:
-  flat = model_config(hf)
+  flat = model_config(hf, _untied_head(hf, reader))
   cfg = TransformerConfig(**flat).validate()
   tokens = jnp.zeros((1, 2), jnp.int32)
   shapes = common.abstract_shapes(EncoderDecoder(cfg), tokens, tokens)
@@ -136,7 +157,10 @@ def load(hf: dict, architecture: str, reader: common.TensorReader, source: str
 def save(model_config: dict, params: dict, out_dir: str) -> str:
   cfg = TransformerConfig(**model_config).validate()
   config = hf_config(cfg)
-  common.write_model_dir(out_dir, config, common.export_tensors(rules(cfg), params))
+  tensors = common.export_tensors(rules(cfg), params)
+  if not cfg.scale_tied_readout and cfg.tie_embeddings:
+    tensors["lm_head.weight"] = tensors["shared.weight"]
+  common.write_model_dir(out_dir, config, tensors)
   return "T5ForConditionalGeneration"
 
 

@@ -10,7 +10,9 @@ ViTModel -> `ViT` alone, for embeddings and probes (`out["pre_logits"]` is the
 CLS state after the final norm, transformers' last_hidden_state[:, 0]); it
 has no pretraining objective (objective None). Its pooler feeds no tx_jax head
 and is dropped (`Imported.ignored`). ViTMAEForPreTraining -> `MAE`, objective
-"mae"; its fixed 2-D sin-cos positions must equal tx_jax's "sincos2d" (checked).
+"mae"; its fixed 2-D sin-cos positions (both tables are stored in the file)
+must equal tx_jax's "sincos2d" with a zero CLS row (checked): the original
+MAE layout, columns first, that pretrained checkpoints hold.
 transformers keeps int(N·(1 - mask_ratio)) patches, tx_jax round(...): equal
 for the usual ratios (e.g. 0.75 of 196), and the noise path
 (`MAE(..., noise=...)`) masks the same patches as transformers' `noise=`.
@@ -67,10 +69,10 @@ def hf_config(flat: dict, mae: bool, mask_ratio: float) -> dict:
   for cfg in (encoder, decoder) if mae else (encoder,):
     common.check_exportable(cfg, "ViT-MAE" if mae else "ViT", norm="layernorm", pre_norm=True,
                             use_bias=True, gated_mlp=False, attention_scale=0.0)
-  want_posemb = "sincos2d" if mae else "learned"
-  if geo.pooling != "cls" or geo.posemb != want_posemb or geo.num_classes:
+  want = "sincos2d" if mae else "learned"
+  if geo.pooling != "cls" or geo.posemb != want or geo.num_classes:
     raise UserError(f"{'ViT-MAE' if mae else 'ViT'} export needs model.pooling='cls', "
-                    f"model.posemb={want_posemb!r} and no classifier head")
+                    f"model.posemb={want!r} and no classifier head")
   if mae and (decoder.norm_eps != encoder.norm_eps or decoder.activation != encoder.activation):
     raise UserError("ViT-MAE shares norm_eps and activation between encoder and decoder")
   out = {"architectures": ["ViTMAEForPreTraining" if mae else "ViTModel"],
@@ -137,12 +139,16 @@ def _model(flat: dict, mae: bool, mask_ratio: float = 0.75):
   return ViT(encoder, dataclasses.replace(geo, num_classes=0))
 
 
+def _sincos_table(grid: int, width: int) -> np.ndarray:
+  """(1, 1 + grid², width): a zero CLS row, then the patches' sin-cos positions."""
+  return np.concatenate([np.zeros((1, width), np.float32), sincos_2d(grid, width)])[None]
+
+
 def _check_sincos(imp: common.Importer, name: str, grid: int, width: int) -> None:
-  value = imp.read(name, (1, grid * grid + 1, width))[0]
-  want = np.concatenate([np.zeros((1, width), np.float32), sincos_2d(grid, width)])
-  err = float(np.max(np.abs(value - want)))
+  value = imp.read(name, (1, grid * grid + 1, width))
+  err = float(np.max(np.abs(value - _sincos_table(grid, width))))
   if err > _SINCOS_ATOL:
-    raise UserError(f"tensor '{name}' is not the fixed 2-D sin-cos table (max difference "
+    raise UserError(f"tensor '{name}' is not MAE's fixed 2-D sin-cos table (max difference "
                     f"{err:.2g}); learned MAE positions are not supported")
 
 
@@ -150,12 +156,12 @@ def load(hf: dict, architecture: str, reader: common.TensorReader, source: str
          ) -> common.Imported:
   mae = architecture == "ViTMAEForPreTraining"
   flat = model_config(hf, mae)
+  hf_p, tx = ("vit.", "encoder/") if mae else ("", "")
   encoder, geo, decoder = vit_configs(flat)
   mask_ratio = float(hf.get("mask_ratio", 0.75))
   images = jnp.zeros((1, geo.image_size, geo.image_size, geo.channels), jnp.float32)
   shapes = common.abstract_shapes(_model(flat, mae, mask_ratio), images, rngs=("params", "mask"))
   imp = common.Importer(reader, shapes, encoder.param_dtype, source)
-  hf_p, tx = ("vit.", "encoder/") if mae else ("", "")
   names = reader.names()
   old_layers = any(n.startswith("decoder.decoder_layers.") for n in names)
   layers = "decoder.decoder_layers." if old_layers else "decoder.decoder_encoder.layer."
@@ -202,9 +208,7 @@ def save(model_config: dict, params: dict, out_dir: str, mask_ratio: float = 0.7
     mask_token = np.asarray(common.get_path(params, "pixel_decoder/mask_token"), np.float32)
     tensors["decoder.mask_token"] = mask_token.reshape(1, 1, -1)
     pos = sincos_2d(geo.grid, encoder.d_model)
-    dec_pos = sincos_2d(geo.grid, decoder.d_model)
-    tensors["decoder.decoder_pos_embed"] = np.concatenate(
-        [np.zeros((1, decoder.d_model), np.float32), dec_pos])[None]
+    tensors["decoder.decoder_pos_embed"] = _sincos_table(geo.grid, decoder.d_model)
   else:
     pos = np.asarray(common.get_path(params, tx + "posemb/pos_embedding"), np.float32)
   tensors[hf + "embeddings.position_embeddings"] = np.concatenate([zero, pos])[None]
