@@ -284,3 +284,175 @@ def test_vit_mae_parity_and_export(tmp_path):
   assert _max_abs(back_logits, ref.logits) < ATOL
   again = interop.load_hf(str(tmp_path / "out"))
   jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, imported.params)
+
+
+# ------------------------------------------------------------------ sharded checkpoints, bad input
+
+
+def _bert_dir(path, **kw):
+  hf = _randomize(transformers.BertForMaskedLM(transformers.BertConfig(**BERT)))
+  hf.save_pretrained(str(path), **kw)
+  return hf
+
+
+def test_sharded_index_matches_single_file(tmp_path):
+  _bert_dir(tmp_path / "one")
+  _bert_dir(tmp_path / "many", max_shard_size="40KB")
+  assert os.path.isfile(tmp_path / "many" / "model.safetensors.index.json")
+  assert not os.path.isfile(tmp_path / "many" / "model.safetensors")
+  one, many = interop.load_hf(str(tmp_path / "one")), interop.load_hf(str(tmp_path / "many"))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, one.params, many.params)
+
+
+def _rewrite(path, change):
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(str(path / "model.safetensors"))
+  change(tensors)
+  save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_bad_inputs_raise_one_clear_line(tmp_path):
+  with pytest.raises(UserError, match="no config.json"):
+    interop.load_hf(str(tmp_path))
+  _bert_dir(tmp_path / "bert")
+  config = json.loads((tmp_path / "bert" / "config.json").read_text())
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "config.json").write_text(json.dumps(
+      {**config, "model_type": "roberta", "architectures": ["RobertaModel"]}))
+  with pytest.raises(UserError, match="RobertaModel.*supported architectures: BertForMaskedLM"):
+    interop.load_hf(str(tmp_path / "other"))
+  name = "bert.encoder.layer.1.intermediate.dense.weight"
+  _rewrite(tmp_path / "bert", lambda t: t.pop(name))
+  with pytest.raises(UserError, match=f"tensor '{name}' is missing"):
+    interop.load_hf(str(tmp_path / "bert"))
+  _rewrite(tmp_path / "bert", lambda t: t.update({name: np.zeros((64, 31), np.float32)}))
+  with pytest.raises(UserError, match=rf"tensor '{name}' .* shape \[64, 31\], expected \[64, 32\]"):
+    interop.load_hf(str(tmp_path / "bert"))
+  _rewrite(tmp_path / "bert", lambda t: t.update({name: np.zeros((64, 32), np.float32),
+                                                  "bert.encoder.layer.2.extra": np.zeros(3)}))
+  with pytest.raises(UserError, match="unexpected tensor 'bert.encoder.layer.2.extra'"):
+    interop.load_hf(str(tmp_path / "bert"))
+  with pytest.raises(UserError) as info:
+    interop.load_hf(str(tmp_path / "bert"))
+  assert "\n" not in str(info.value)
+
+
+def test_tokenizer_that_does_not_fit_the_model(tmp_path):
+  import all_minilm_l6_v2
+  minilm = all_minilm_l6_v2.extract_model(str(tmp_path / "minilm"))
+  _bert_dir(tmp_path / "bert")  # vocab 99 < the tokenizer's 30522
+  (tmp_path / "bert" / "tokenizer.json").write_text((minilm / "tokenizer.json").read_text())
+  with pytest.raises(UserError, match="30522 tokens but the model's vocab_size is 99"):
+    interop.load_hf(str(tmp_path / "bert"))
+
+
+# ------------------------------------------------------------------ a real model: all-MiniLM-L6-v2
+
+SENTENCES = ["A man is eating food.", "The new movie is awesome!",
+             "Clustering short posts by topic works better with sentence embeddings.",
+             "naïve café owners öffnen früh", "Hi"]
+
+
+def test_all_minilm_l6_v2_embeddings(tmp_path):
+  import all_minilm_l6_v2
+  model_dir = str(all_minilm_l6_v2.extract_model(str(tmp_path)))
+  imported = interop.load_hf(model_dir)
+  assert imported.embedding_defaults == {"pooling": "mean", "normalize": True, "max_len": 256}
+  assert imported.architecture == "BertModel" and imported.tokenizer is not None
+  tok = imported.tokenizer
+  cls, sep, pad = tok.special_ids["<cls>"], tok.special_ids["<sep>"], tok.special_ids["<pad>"]
+  rows = [[cls] + tok.encode(s) + [sep] for s in SENTENCES]
+  width = max(map(len, rows))
+  tokens = np.array([r + [pad] * (width - len(r)) for r in rows])
+  mask = np.array([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+  # Reference: transformers' own tokenizer and model, sentence-transformers' mean pooling.
+  ref_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+  batch = ref_tok(SENTENCES, padding=True, return_tensors="pt")
+  np.testing.assert_array_equal(tokens, batch["input_ids"].numpy())
+  with torch.no_grad():
+    hidden = transformers.AutoModel.from_pretrained(model_dir).eval()(**batch).last_hidden_state
+  m = batch["attention_mask"][..., None].float()
+  ref = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).numpy()
+
+  model = interop.build_model("bert", imported.model_config, imported.objective_options)
+  _, out = model.apply({"params": imported.params}, jnp.asarray(tokens, jnp.int32),
+                       segment_ids=jnp.asarray(mask, jnp.int32))
+  h = np.asarray(out["pre_logits"], np.float64)
+  pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  ours = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+  cosine = np.sum(ours * ref, axis=-1)
+  print(f"all-MiniLM-L6-v2 cosine min {cosine.min():.7f}")
+  assert np.all(cosine >= 0.9999)
+
+
+# ------------------------------------------------------------------ HFTokenizer
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "héllo wörld, naïve café — ünïcode ✓",
+         "tabs\tand\nnewlines  double  spaces", "numbers 12345 and symbols #$%&"]
+
+
+def _trained(kind):
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  if kind == "bpe":
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  else:
+    tok = tokenizers.Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>")
+  tok.train_from_iterator(TEXTS * 20, trainer)
+  return tok.to_str()
+
+
+def test_hf_tokenizer_byte_level_bpe_is_exact(tmp_path):
+  from tx_jax.data.hf_tokenizer import HFTokenizer
+  from tx_jax.data.tokenizers import load_tokenizer
+  tok = HFTokenizer(_trained("bpe"))
+  lengths = tok.token_byte_lengths()
+  assert tok.special_ids["</s>"] == tok.special_ids["<|endoftext|>"]
+  assert lengths[tok.special_ids["</s>"]] == 0
+  for text in TEXTS + ["unseen: 日本語 🙂 <|endoftext|>"]:
+    ids = tok.encode(text)
+    assert tok.special_ids["</s>"] not in ids  # the special's spelling is text
+    assert tok.decode(ids) == text
+    assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+  tok.save(str(tmp_path))
+  back = load_tokenizer(str(tmp_path))
+  assert back.fingerprint() == tok.fingerprint() and back.encode(TEXTS[1]) == tok.encode(TEXTS[1])
+  assert tok.decode([tok.special_ids["</s>"], tok.vocab_size + 5]) == "\ufffd"
+
+
+def test_hf_tokenizer_unigram_counts_spaces():
+  import pickle
+  from tx_jax.data.hf_tokenizer import HFTokenizer
+  tok = pickle.loads(pickle.dumps(HFTokenizer(_trained("unigram"), specials=["<pad>", "</s>"])))
+  lengths = tok.token_byte_lengths()
+  for text in TEXTS[:2] + ["lazy fox, quick dog"]:
+    ids = tok.encode(text)
+    # Metaspace prepends "▁" to the text: one byte more than the text (spaces inside are "▁").
+    assert int(lengths[ids].sum()) == len(text.encode("utf-8")) + 1
+    assert tok.decode(ids) == text
+  assert lengths[tok.special_ids["<unk>"]] == 0  # unknown characters' bytes are not counted
+  with pytest.raises(UserError, match="no special token <mask>"):
+    HFTokenizer(_trained("unigram"), specials=["<mask>"])
+
+
+def test_hf_tokenizer_wordpiece(tmp_path):
+  import all_minilm_l6_v2
+  from tx_jax.data.tokenizers import load_tokenizer
+  model_dir = all_minilm_l6_v2.extract_model(str(tmp_path))
+  tok = load_tokenizer(str(model_dir))  # a Hugging Face dir's tokenizer.json
+  assert {k: tok.special_ids[k] for k in ("<pad>", "<unk>", "<cls>", "<sep>", "<mask>")} == {
+      "<pad>": 0, "<unk>": 100, "<cls>": 101, "<sep>": 102, "<mask>": 103}
+  text = "tokenization of unbelievably long words, and punctuation."
+  ids = tok.encode(text)
+  assert any(tok._tok.id_to_token(i).startswith("##") for i in ids)
+  assert tok.special_ids["<mask>"] not in tok.encode("a [MASK] here")
+  assert int(tok.token_byte_lengths()[ids].sum()) == len(text) + 1
+  assert tok.decode(ids) == text
