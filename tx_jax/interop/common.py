@@ -85,8 +85,12 @@ class TensorReader:
     return tuple(self._handle(name).get_slice(name).get_shape())
 
   def read(self, name: str) -> np.ndarray:
+    # A handle of its own per tensor: the file is memory-mapped, and pages read
+    # through a long-lived mapping stay in this process's resident set, so a
+    # shared handle would hold a second copy of the model by the end.
     try:
-      return self._handle(name).get_tensor(name)
+      with self._open(self.where[name]) as f:
+        return f.get_tensor(name)
     except TypeError as e:  # e.g. bfloat16, which numpy cannot hold
       raise UserError(f"cannot read tensor '{name}' as numpy ({e}); re-save the model in "
                       "float32 or float16") from None
