@@ -1,13 +1,16 @@
-"""Tokenizers: raw UTF-8 bytes, or a SentencePiece model with byte fallback.
+"""Tokenizers: raw UTF-8 bytes, a SentencePiece model with byte fallback, or a
+Hugging Face tokenizer.json (`tx_jax.data.hf_tokenizer.HFTokenizer`).
 
-Both share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
+All share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
 get ids after the base vocabulary, in the order given, so a tokenizer with no
 specials has exactly the base vocabulary (256 for bytes). Specials are never
 produced by `encode` (text that spells "<mask>" is encoded as ordinary text);
 objectives insert them by id.
 
 A tokenizer is saved into a directory as `tokenizer.json` (+ `tokenizer.model`
-for SentencePiece) and read back with `load_tokenizer`.
+for SentencePiece, + `hf_tokenizer.json` for Hugging Face) and read back with
+`load_tokenizer`, which also reads a Hugging Face model directory's own
+tokenizer.json.
 """
 
 from collections.abc import Iterable, Sequence
@@ -312,21 +315,29 @@ def train_on_spec(spec: str, vocab_size: int, prefix: str) -> dict:
 
 
 def make_tokenizer(spec: str, specials: Sequence[str] = ()) -> Tokenizer:
-  """`"byte"` or `"spm:/path/to/prefix.model"`."""
+  """`"byte"`, `"spm:/path/to/prefix.model"` or `"hf:/path/to/tokenizer.json"`."""
   if spec == "byte":
     return ByteTokenizer(specials)
   if spec.startswith("spm:"):
     return SentencePieceTokenizer(os.path.expanduser(spec[4:]), specials)
+  if spec.startswith("hf:"):
+    from tx_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer.from_file(os.path.expanduser(spec[3:]), specials)
   raise UserError(
-      f"unknown tokenizer '{spec}'; use 'byte' or 'spm:/path/to/PREFIX.model'")
+      f"unknown tokenizer '{spec}'; use 'byte', 'spm:/path/to/PREFIX.model' or "
+      "'hf:/path/to/tokenizer.json'")
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Reads a tokenizer written by `Tokenizer.save(directory)`."""
+  """Reads a tokenizer written by `Tokenizer.save(directory)`, or a Hugging Face
+  model directory's tokenizer.json."""
   path = os.path.join(directory, _CONFIG_FILE)
   try:
     with open(path) as f:
       config = json.load(f)
+    if isinstance(config, dict) and "model" in config and "type" not in config:
+      from tx_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+      return HFTokenizer.from_file(path)
     kind, specials = config["type"], config.get("specials", [])
   except FileNotFoundError:
     raise UserError(
@@ -341,5 +352,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
   if kind == "spm":
     return SentencePieceTokenizer(
         os.path.join(directory, config.get("model", _SPM_FILE)), specials)
+  if kind == "hf":
+    from tx_jax.data.hf_tokenizer import HF_FILE, HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer.from_file(os.path.join(directory, config.get("file", HF_FILE)), specials)
   raise UserError(
-      f"unknown tokenizer type '{kind}' in '{path}'; expected byte or spm")
+      f"unknown tokenizer type '{kind}' in '{path}'; expected byte, spm or hf")
