@@ -33,7 +33,7 @@ import unicodedata
 
 import numpy as np
 
-from tx_jax.data.tokenizers import Tokenizer, _hash
+from tx_jax.data.tokenizer_base import Tokenizer, hash_parts
 from tx_jax.errors import UserError
 
 HF_FILE = "hf_tokenizer.json"
@@ -169,7 +169,7 @@ class HFTokenizer(Tokenizer):
     return lengths
 
   def fingerprint(self) -> str:
-    return _hash(b"hf", self._json.encode(), json.dumps(list(self.specials)).encode())
+    return hash_parts(b"hf", self._json.encode(), json.dumps(list(self.specials)).encode())
 
   def save(self, directory: str) -> None:
     """tx_jax layout: the HF file as hf_tokenizer.json, tokenizer.json pointing at it."""

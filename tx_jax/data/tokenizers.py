@@ -14,7 +14,6 @@ tokenizer.json.
 """
 
 from collections.abc import Iterable, Sequence
-import hashlib
 import json
 import io
 import os
@@ -22,39 +21,11 @@ import re
 
 import numpy as np
 
+from tx_jax.data.tokenizer_base import Tokenizer, hash_parts
 from tx_jax.errors import UserError, io_operation
 
 _CONFIG_FILE = "tokenizer.json"
 _SPM_FILE = "tokenizer.model"
-
-
-class Tokenizer:
-  """Common interface; see `ByteTokenizer` and `SentencePieceTokenizer`."""
-
-  vocab_size: int
-  special_ids: dict[str, int]
-
-  def encode(self, text: str) -> list[int]:
-    raise NotImplementedError
-
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text for `ids`; specials decode to "", invalid ids/bytes to U+FFFD."""
-    raise NotImplementedError
-
-  def token_byte_lengths(self) -> np.ndarray:
-    """int32 [vocab_size]: UTF-8 bytes each token stands for (0 for specials).
-
-    Summing it over the target tokens gives the byte count that turns a loss
-    in nats/token into bits per byte, whatever the tokenizer.
-    """
-    raise NotImplementedError
-
-  def fingerprint(self) -> str:
-    """Short stable hash of the vocabulary (checkpoint compatibility checks)."""
-    raise NotImplementedError
-
-  def save(self, directory: str) -> None:
-    raise NotImplementedError
 
 
 def _check_specials(specials: Sequence[str]) -> tuple[str, ...]:
@@ -62,14 +33,6 @@ def _check_specials(specials: Sequence[str]) -> tuple[str, ...]:
   if len(set(specials)) != len(specials):
     raise UserError(f"duplicate special tokens in {list(specials)}; list each once")
   return specials
-
-
-def _hash(*parts: bytes) -> str:
-  h = hashlib.sha256()
-  for part in parts:
-    h.update(part)
-    h.update(b"\0")
-  return h.hexdigest()[:16]
 
 
 class ByteTokenizer(Tokenizer):
@@ -101,7 +64,7 @@ class ByteTokenizer(Tokenizer):
     return lengths
 
   def fingerprint(self) -> str:
-    return _hash(b"byte", json.dumps(self.specials).encode())
+    return hash_parts(b"byte", json.dumps(self.specials).encode())
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -184,7 +147,7 @@ class SentencePieceTokenizer(Tokenizer):
     return lengths
 
   def fingerprint(self) -> str:
-    return _hash(b"spm", self._proto, json.dumps(self.specials).encode())
+    return hash_parts(b"spm", self._proto, json.dumps(self.specials).encode())
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
