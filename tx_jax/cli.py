@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("train", help="train (or resume) a model in a workdir")
-  p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+  p.add_argument("--config", help="configs/NAME.py[:ARG] (default: the workdir's own "
+                 "config.json, e.g. of an imported model)")
   p.add_argument("--workdir", required=True)
   _add_distributed_flags(p)
 
@@ -97,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output FILE.npz")
   _add_embed_flags(p)
 
+  p = sub.add_parser("import", help="a Hugging Face model directory -> a tx_jax workdir")
+  p.add_argument("--from", dest="source", required=True,
+                 help="directory with config.json, model.safetensors[.index.json], tokenizer.json")
+  p.add_argument("--out", required=True, help="new workdir (must not exist or be empty)")
+
+  p = sub.add_parser("export", help="a workdir's newest checkpoint -> a Hugging Face directory")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True, help="new directory (must not exist or be empty)")
+
   p = sub.add_parser("analyze", help="cluster embeddings; write report.json/html, map, csv")
   p.add_argument("--embeddings", required=True, help="FILE.npz from tx-jax embed")
   p.add_argument("--out", required=True, help="output directory")
@@ -107,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOPICS_EPILOG)
   p.add_argument("--data", required=True, help="data spec, e.g. file:posts.csv")
   p.add_argument("--out", required=True, help="output directory (every step's output stays)")
+  p.add_argument("--encoder", metavar="WORKDIR",
+                 help="embed with this trained or imported model (e.g. tx-jax import of a "
+                      "sentence encoder) instead of pretraining one on the posts")
   p.add_argument("--objective", default="contrastive",
                  help="pretraining objective: contrastive (default), causal_lm or masked_lm")
   p.add_argument("--config", help="base config file (default: the objective's configs/*.py)")
@@ -123,7 +136,8 @@ def _add_embed_flags(p):
   g = p.add_argument_group("embedding")
   g.add_argument("--layer", help="named model output to pool (default: the final hidden "
                  "states, pre_logits; encoded for an encoder-decoder): embedded, block_00, ...")
-  g.add_argument("--pooling", default="mean", help="mean (default), cls or last token")
+  g.add_argument("--pooling", help="mean, cls or last token (default: the workdir's own, e.g. "
+                 "an imported sentence encoder's, else mean)")
   g.add_argument("--batch-size", type=int, default=64)
   g.add_argument("--seq-len", type=int, help="tokens per document (default: the training seq_len)")
   g.add_argument("--sample", type=int, help="embed a seeded random sample of this many documents")
@@ -158,7 +172,10 @@ def _config_from(args, overrides):
   if bad:
     from tx_jax.errors import UserError
     raise UserError(f"unrecognized argument {bad[0]!r}; overrides look like --config.train.steps=100")
-  config = config_lib.load_config_file(args.config)
+  if args.config is None:  # `train --workdir W`: continue with the workdir's own config
+    config = config_lib.workdir_run_config(args.workdir)
+  else:
+    config = config_lib.load_config_file(args.config)
   return config_lib.apply_overrides(config, [o[len("--config."):] for o in overrides])
 
 
@@ -210,6 +227,16 @@ def cmd_embed(args, _):
   print(json.dumps(summary))
 
 
+def cmd_import(args, _):
+  from tx_jax.interop.workdir import import_hf
+  print(json.dumps(import_hf(args.source, args.out)))
+
+
+def cmd_export(args, _):
+  from tx_jax.interop.workdir import export_hf
+  print(json.dumps(export_hf(args.workdir, args.out)))
+
+
 def cmd_analyze(args, _):
   from tx_jax.topics import analyze_summary
   print(json.dumps(analyze_summary(args, args.embeddings, args.out)))
@@ -228,7 +255,8 @@ def _fail(error, status: int) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "tokenizer": cmd_tokenizer, "benchmark": cmd_benchmark, "embed": cmd_embed,
-            "analyze": cmd_analyze, "topics": cmd_topics}
+            "analyze": cmd_analyze, "topics": cmd_topics, "import": cmd_import,
+            "export": cmd_export}
 
 
 def main(argv=None) -> int:

@@ -80,7 +80,8 @@ def run_topics(args):
   from tx_jax.data import sources, tokenizers  # pylint: disable=g-import-not-at-top
   if args.steps < 1 or args.vocab_size < 0:
     raise UserError("--steps must be >= 1 and --vocab-size >= 0 (0: byte tokens)")
-  topics_objective(args.objective)
+  if not args.encoder:
+    topics_objective(args.objective)
   source = sources.open_source(args.data)  # Bad data fails before anything is written.
   out = os.path.abspath(args.out)
   a = vars(args)
@@ -115,29 +116,42 @@ def run_topics(args):
       json.dump(recorded, f, indent=2)
     os.replace(tmp, record_path)
 
-  spm_prefix = os.path.join(out, "tokenizer", "spm")
-  spm_path = spm_prefix + ".model" if args.vocab_size else None
-  if should_run("tokenizer", not spm_path or os.path.isfile(spm_path)):
-    if spm_path:
-      tokenizers.train_sentencepiece((source[i]["text"] for i in range(len(source))),
-                                     args.vocab_size, spm_prefix)
-    done("tokenizer")
+  if args.encoder:  # a given model: nothing to pretrain
+    workdir = os.path.abspath(args.encoder)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+      raise UserError(f"--encoder {args.encoder!r} is not a tx-jax workdir (no config.json); "
+                      "train one or tx-jax import a Hugging Face model")
+    from tx_jax.objectives import get_objective  # pylint: disable=g-import-not-at-top
+    from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+    name = config_lib.load_workdir_config(workdir).objective
+    if not get_objective(name).uses_tokenizer:
+      raise UserError(f"--encoder {args.encoder!r} holds an image model ({name}); topics "
+                      "embeds posts with a text model")
+    wanted["embeddings"]["encoder"] = workdir
+  else:
+    spm_prefix = os.path.join(out, "tokenizer", "spm")
+    spm_path = spm_prefix + ".model" if args.vocab_size else None
+    if should_run("tokenizer", not spm_path or os.path.isfile(spm_path)):
+      if spm_path:
+        tokenizers.train_sentencepiece((source[i]["text"] for i in range(len(source))),
+                                       args.vocab_size, spm_prefix)
+      done("tokenizer")
 
-  workdir = os.path.join(out, "model")
-  config = topics_config(args, spm_path, len(source))
-  from tx_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  trained_steps = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    trained_steps = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                          async_save=False).latest_step()
-  # A run cut short resumes; anything else that must run starts from scratch.
-  resumable = recorded.get("model") == wanted["model"] and not redo and trained_steps
-  if should_run("model", trained_steps == args.steps):
-    if not resumable and os.path.isdir(workdir):
-      shutil.rmtree(workdir)
-    done("model")  # Recorded first, so that an interrupted run resumes.
-    from tx_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-    train(config, workdir)
+    workdir = os.path.join(out, "model")
+    config = topics_config(args, spm_path, len(source))
+    from tx_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    trained_steps = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+      trained_steps = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            async_save=False).latest_step()
+    # A run cut short resumes; anything else that must run starts from scratch.
+    resumable = recorded.get("model") == wanted["model"] and not redo and trained_steps
+    if should_run("model", trained_steps == args.steps):
+      if not resumable and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+      done("model")  # Recorded first, so that an interrupted run resumes.
+      from tx_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+      train(config, workdir)
 
   npz = os.path.join(out, "embeddings.npz")
   if should_run("embeddings", os.path.isfile(npz)):
