@@ -342,7 +342,7 @@ def check_exportable(cfg, family: str, free_head_dim: bool = False, **expected) 
   if cfg.kv_heads != cfg.num_heads:
     raise UserError(f"{family} has no grouped-query attention; model.num_kv_heads must be 0")
   if cfg.scan_layers:
-    raise UserError(f"export needs unscanned layers: set model.scan_layers=False and re-read "
+    raise UserError("export needs unscanned layers: set model.scan_layers=False and re-read "
                     "the params (the scanned tree stacks the blocks)")
   for name, want in expected.items():
     if getattr(cfg, name) != want:
