@@ -307,6 +307,21 @@ def _bert_dir(path, **kw):
   return hf
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_import_as_float32(tmp_path, dtype):
+  hf = _bert_dir(tmp_path / "fp32")
+  hf.to(getattr(torch, dtype)).save_pretrained(str(tmp_path / "half"))
+  half = interop.load_hf(str(tmp_path / "half"))
+  want = interop.load_hf(str(tmp_path / "fp32")).params
+  leaves = jax.tree_util.tree_leaves(half.params)
+  assert {str(x.dtype) for x in leaves} == {"float32"}
+  # each value is the fp32 one rounded to the half type
+  got = half.params["encoder"]["block_00"]["mlp"]["wi"]["kernel"]
+  ref = want["encoder"]["block_00"]["mlp"]["wi"]["kernel"]
+  rounded = torch.tensor(ref).to(getattr(torch, dtype)).float().numpy()
+  np.testing.assert_array_equal(got, rounded)
+
+
 def test_sharded_index_matches_single_file(tmp_path):
   _bert_dir(tmp_path / "one")
   _bert_dir(tmp_path / "many", max_shard_size="40KB")
