@@ -7,6 +7,7 @@ on random inputs with the transformers forward pass.
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +24,14 @@ ATOL = 1e-4
 
 
 def _randomize(model, seed=0):
+  """Random values in every trainable tensor (biases and norms too, which a fresh
+  model sets to 0 / 1 and which would hide a mapping mistake); norm scales near 1."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.requires_grad:
         p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        if name.endswith("LayerNorm.weight") or "layernorm" in name.lower() or \
-           name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or \
-           name.endswith("ln_f.weight") or "layer_norm" in name or name.endswith("norm.weight"):
+        if re.search(r"(norm|ln_[12f])[a-z_]*\.weight$", name.lower()):
           p.add_(1.0)
   return model.eval()
 
