@@ -230,7 +230,8 @@ class Attention(nn.Module):
 
     out = jax.nn.dot_product_attention(
         q, key, value, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-        scale=cfg.attention_scale or None, implementation=cfg.attention_impl or None)                         # (B, T, N, H)
+        scale=cfg.attention_scale or None,
+        implementation=cfg.attention_impl or None)                           # (B, T, N, H)
     out = constrain(out, ("act_batch", "act_len", "act_heads", "act_kv"))
     return Projection(cfg, (cfg.d_model,), ("heads", "kv", "embed"), "btnh,nhd->btd",
                       name="out")(out)
