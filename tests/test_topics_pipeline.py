@@ -369,3 +369,37 @@ def test_topic_report_renders_and_filters_in_chromium(topic_report_dir, tmp_path
   img = matplotlib.image.imread(shot)
   assert img.shape[:2] == (2400, 1280)
   assert (img[..., :3].std(axis=-1) > 0.1).mean() > 0.002  # The coloured plots are drawn.
+
+
+def test_topics_report_from_npz_and_posts_file(tmp_path):
+  x, y, texts = _posts(n_per=15)
+  names = ["fruit", "space", "code", "sport"]
+  rows = ["id,text,label,date,author"]
+  for i, (t, c) in enumerate(zip(texts, y)):
+    long = t + " extra" * 60 if i == 0 else t  # Longer than the .npz keeps.
+    rows.append(f"p{i},{long},{names[c]},{1709251200 + 86400 * (i % 10)},user{i % 3}")
+  (tmp_path / "posts.csv").write_text("\n".join(rows) + "\n")
+  order = np.random.default_rng(0).permutation(len(texts))  # .npz rows in another order.
+  np.savez(tmp_path / "e.npz", embeddings=x[order], ids=np.asarray([f"p{i}" for i in order]),
+           texts=np.asarray([t[:40] for t in np.asarray(texts)[order]]))
+  rep = topic_report.topics_report(str(tmp_path / "e.npz"), str(tmp_path / "out"),
+                                   data=f"file:{tmp_path / 'posts.csv'}", method="kmeans", k=4,
+                                   time_bin="day", map_reduce="pca")
+  assert rep["metrics"]["nmi"] > 0.95 and len(rep["over_time"]["periods"]) == 10
+  _, loaded = posts.load_embedded_posts(str(tmp_path / "e.npz"), f"file:{tmp_path / 'posts.csv'}")
+  p0 = list(loaded.ids).index("p0")
+  assert loaded.texts[p0] == texts[0] + " extra" * 60 and loaded.time_column == "date"
+  assert loaded.rows[p0] == 0 and loaded.authors[p0] == "user0"
+  by_id = dict(zip((f"p{i}" for i in range(len(texts))), texts))
+  for t in rep["topics"]:
+    for pid, e in zip(t["example_ids"], t["examples"]):
+      assert e.startswith(by_id[pid])  # Each example is its own post's full text.
+  no_text = topic_report.topics_report  # Same call on a .npz without texts and no data.
+  np.savez(tmp_path / "bare.npz", embeddings=x)
+  with pytest.raises(UserError, match="has no texts"):
+    no_text(str(tmp_path / "bare.npz"), str(tmp_path / "o2"), method="kmeans", k=4)
+  rows[5] = rows[5].replace(rows[5].split(",")[3], "not-a-date")
+  (tmp_path / "posts.csv").write_text("\n".join(rows) + "\n")
+  with pytest.raises(UserError, match=r"date value 'not-a-date' in row 5 \(id p4\)"):
+    topic_report.topics_report(str(tmp_path / "e.npz"), str(tmp_path / "o3"),
+                               data=f"file:{tmp_path / 'posts.csv'}", method="kmeans", k=4)

@@ -13,7 +13,6 @@ import numpy as np
 
 from tx_jax.errors import UserError
 
-TIME_COLUMNS = ("created_at", "date", "timestamp")
 TIME_BINS = ("day", "week", "month")
 _EPOCH = re.compile(r"[+-]?\d+(\.\d*)?([eE][+-]?\d+)?")
 
@@ -39,18 +38,22 @@ def _parse_one(value):
   return np.datetime64(int(round(seconds)), "s")
 
 
-def parse_times(values, ids=None, column="created_at"):
+def parse_times(values, ids=None, column="created_at", rows=None):
   """Time values [N] -> datetime64[s] [N] (UTC); UserError naming the first bad row.
 
-  Rows count from 1 in the order given; ids, when given, name the post too.
+  Rows count from 1 in the order given, or are rows[i] + 1 (positions in the
+  data file) when given; ids, when given, name the post too.
   """
+  if isinstance(values, np.ndarray) and np.issubdtype(values.dtype, np.datetime64):
+    return values.astype("datetime64[s]")
   out = np.empty(len(values), "datetime64[s]")
   for i, value in enumerate(values):
     parsed = None if value is None else _parse_one(value)
     if parsed is None:
       who = f" (id {ids[i]})" if ids is not None else ""
+      row = i + 1 if rows is None else int(rows[i]) + 1
       raise UserError(
-          f"{column} value {value!r} in row {i + 1}{who} is neither ISO 8601 (e.g. "
+          f"{column} value {value!r} in row {row}{who} is neither ISO 8601 (e.g. "
           "2024-03-01T12:30:00Z) nor epoch seconds; fix or drop that row")
     out[i] = parsed
   return out

@@ -72,6 +72,9 @@ def collapse_reposts(texts):
   return Reposts(unique, inverse, counts)
 
 
+TIME_COLUMNS = ("created_at", "date", "timestamp")  # The first one present is the time.
+
+
 @dataclasses.dataclass
 class Posts:
   """Columns of a post collection; optional ones are None when the data lacks them."""
@@ -79,8 +82,10 @@ class Posts:
   ids: np.ndarray
   labels: np.ndarray | None = None
   label_names: list | None = None
-  created_at: list | None = None
+  created_at: list | None = None   # values of the time column, as read
+  time_column: str | None = None   # which of TIME_COLUMNS they came from
   authors: list | None = None
+  rows: np.ndarray | None = None   # each post's position in its data source
 
 
 def posts_from_source(source):
@@ -94,15 +99,53 @@ def posts_from_source(source):
     return None if all(v is None for v in values) else values
 
   ids = column("id")
+  time_column = next((c for c in TIME_COLUMNS if column(c) is not None), None)
   return Posts(
       texts=[r["text"] for r in records],
       ids=np.arange(len(records)) if ids is None else np.asarray([str(v) for v in ids]),
       labels=None if column("label") is None else np.asarray(column("label")),
       label_names=getattr(source, "label_names", None),
-      created_at=column("created_at"), authors=column("author"))
+      created_at=column(time_column) if time_column else None, time_column=time_column,
+      authors=column("author"))
 
 
 def load_posts(spec):
   """Posts of a data spec (`file:posts.csv`, `file:posts.jsonl`, `embedded:...`)."""
   from tx_jax.data import sources
   return posts_from_source(sources.open_source(spec))
+
+
+def load_embedded_posts(npz_path, data=None):
+  """The `tx-jax embed` .npz and, optionally, the data spec it embedded -> (embeddings, Posts).
+
+  With data, the posts' full texts and their time / author columns come from
+  the source (the .npz keeps only ids, labels and texts cut to a length),
+  matched to the embeddings by the .npz ids (the source's `id` column, or
+  record indices when it has none).
+  """
+  from tx_jax.analysis.report import _load
+  x, ids, labels, texts = _load(npz_path)
+  with np.load(npz_path, allow_pickle=False) as f:
+    label_names = f["label_names"].tolist() if "label_names" in f.files else None
+  if data is None:
+    if texts is None:
+      raise UserError(f"{npz_path} has no texts; pass the data spec it embedded as well")
+    return x, Posts([str(t) for t in texts], ids, labels, label_names)
+  posts = load_posts(data)
+  if np.issubdtype(posts.ids.dtype, np.integer):
+    rows = np.asarray(ids, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(posts.texts)):
+      raise UserError(f"{npz_path} indexes posts beyond the {len(posts.texts)} of {data}; "
+                      "pass the data spec the embeddings were made from")
+  else:
+    where = {str(v): i for i, v in enumerate(posts.ids)}
+    missing = [str(v) for v in ids if str(v) not in where]
+    if missing:
+      raise UserError(f"{len(missing)} ids of {npz_path} are not in {data} (first: "
+                      f"{missing[0]!r}); pass the data spec the embeddings were made from")
+    rows = np.asarray([where[str(v)] for v in ids], np.int64)
+  pick = lambda values: None if values is None else [values[r] for r in rows]
+  return x, Posts([posts.texts[r] for r in rows], posts.ids[rows],
+                  None if posts.labels is None else posts.labels[rows],
+                  posts.label_names or label_names, pick(posts.created_at), posts.time_column,
+                  pick(posts.authors), rows)

@@ -306,12 +306,13 @@ def _fit_one(kind, embeddings, bag, doc_terms, vocab, reposts, labels, settings,
 
 
 def fit_topics(embeddings, texts, *, labels=None, label_names=None, ids=None, time_values=None,
-               baseline=True, **settings):
+               time_column="created_at", baseline=True, **settings):
   """Topics of posts -> TopicResult. See `Settings` for the keyword options.
 
   embeddings [N, D] (None with features="tfidf"), texts [N] str, labels [N]
   (ints indexing label_names, or names) to score against, ids [N] to name
-  posts, time_values [N] (ISO 8601 or epoch seconds) for topics over time.
+  posts, time_values [N] (ISO 8601 or epoch seconds; time_column names them in
+  errors) for topics over time. baseline=False skips the TF-IDF comparison fit.
   """
   settings = Settings(**settings)
   settings.check(embeddings is not None)
@@ -325,7 +326,7 @@ def fit_topics(embeddings, texts, *, labels=None, label_names=None, ids=None, ti
     if values is not None and len(values) != n:
       raise UserError(f"{len(values)} {name} for {n} posts; pass one per post")
   ids = np.arange(n) if ids is None else np.asarray(ids)
-  times = None if time_values is None else over_time.parse_times(time_values, ids)
+  times = None if time_values is None else over_time.parse_times(time_values, ids, time_column)
   reposts = posts_lib.collapse_reposts(texts)
   bag = [posts_lib.clean_text(texts[i], settings.urls, settings.mentions) for i in reposts.unique]
   doc_terms, vocab, _ = ctfidf.count_terms(bag, settings.ngram_range, settings.min_df)

@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 from tx_jax.analysis import over_time
+from tx_jax.analysis import posts as posts_lib
+from tx_jax.analysis import topic_model
 from tx_jax.analysis import reduce as reduce_lib
 from tx_jax.analysis.hierarchy import plot_dendrogram
 from tx_jax.analysis.report import _CSS, _short, save_map
@@ -245,3 +247,23 @@ def write_topic_report(result, out_dir, *, map_reduce="umap", max_posts=200):
     plot_dendrogram(images["hierarchy"], result.linkage, result.linkage_names)
   write_html(os.path.join(out_dir, "report.html"), rep, result, images, max_posts)
   return rep
+
+
+def topics_report(npz_path, out_dir, *, data=None, map_reduce="umap", max_posts=200, **settings):
+  """The report step of `tx-jax topics`: embeddings .npz (+ the data spec) -> out_dir files.
+
+  settings are `topic_model.Settings` fields (method, min_topic_size,
+  reduce_topics, features, outliers, time_bin, seed, ...). With data, full texts,
+  ids and the time column come from the source. Returns the report.json dict.
+  """
+  if map_reduce not in MAPS:  # Before the fit: a typo should not cost one.
+    raise UserError(f"unknown map {map_reduce!r}; use one of {', '.join(MAPS)}")
+  topic_model.Settings(**settings).check(True)
+  x, posts = posts_lib.load_embedded_posts(npz_path, data)
+  times = None
+  if posts.created_at is not None:  # Parsed here so that errors name the row of the file.
+    times = over_time.parse_times(posts.created_at, posts.ids, posts.time_column, posts.rows)
+  result = topic_model.fit_topics(
+      x, posts.texts, labels=posts.labels, label_names=posts.label_names, ids=posts.ids,
+      time_values=times, **settings)
+  return write_topic_report(result, out_dir, map_reduce=map_reduce, max_posts=max_posts)

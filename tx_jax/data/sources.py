@@ -8,7 +8,8 @@ Specs:
 
 A `TextSource` has `len(src)` and `src[i] -> {"text": str}` plus `"label"` when
 `src.has_labels`; .jsonl/.csv records also keep the post columns `id`,
-`created_at` and `author` (`POST_FIELDS`) when the file has them. When `src.label_names` is a list, labels are ints indexing it;
+`created_at` / `date` / `timestamp` and `author` (`POST_FIELDS`) when the file
+has them. When `src.label_names` is a list, labels are ints indexing it;
 otherwise (some TFDS sets) they are the raw values (int or str).
 
 A `DocPolicy` (from the `data.max_doc_len`, `data.over_length` and
@@ -33,7 +34,7 @@ from tx_jax.data.doc_policy import DocPolicy, apply_policy
 from tx_jax.errors import UserError
 
 # Optional per-post columns of .jsonl/.csv files, kept in each record as read.
-POST_FIELDS = ("id", "created_at", "author")
+POST_FIELDS = ("id", "created_at", "date", "timestamp", "author")
 SPEC_FORMS = (
     "embedded:python-docs[:train|:eval], embedded:stdlib-docstrings, "
     "file:PATH.txt|.jsonl|.csv, tfds:NAME[/CONFIG]:SPLIT")
