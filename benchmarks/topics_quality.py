@@ -59,7 +59,7 @@ def run_row(name, features, settings, embeddings, texts, labels, seeds):
     runs.append(r.fit.metrics)
   if not runs:
     return None
-  row = {"row": name, "features": features, "settings": settings,
+  row = {"row": name, "features": features, "settings": settings, "seeds": list(seeds),
          "seconds_per_seed": round((time.perf_counter() - t0) / len(seeds), 1)}
   for key in ("nmi", "ari", "npmi", "diversity", "topics", "silhouette",
               "noise_fraction_before_outliers"):
@@ -88,6 +88,7 @@ def baseline_row(texts, labels, seeds):
     npmi.append(np.mean([coherence.topic_npmi(w, doc_terms, vocab) for w in words]))
     div.append(coherence.diversity(words))
   row = {"row": "TF-IDF (sparse) + k-means k=18 (report.tfidf_kmeans_nmi)", "features": "tfidf",
+         "seeds": list(seeds),
          "nmi": _summary(nmi), "ari": _summary(ari), "npmi": _summary(npmi),
          "diversity": _summary(div), "topics": _summary([18] * len(seeds))}
   print(json.dumps(row), flush=True)
@@ -117,7 +118,8 @@ def markdown(result):
       "|---|---|---|---|---|---|---|---|"]
   fmt = lambda s: "n/a" if s is None else f"{s['mean']} [{s['min']}, {s['max']}]"
   for r in result["rows"]:
-    lines.append(f"| {r['features']} | {r['row']} | {fmt(r['topics'])} | {fmt(r['nmi'])} | "
+    seeds = f" (seeds {r['seeds']})" if r.get("seeds") not in (None, result["seeds"]) else ""
+    lines.append(f"| {r['features']} | {r['row']}{seeds} | {fmt(r['topics'])} | {fmt(r['nmi'])} | "
                  f"{fmt(r['ari'])} | {fmt(r['npmi'])} | {fmt(r['diversity'])} | "
                  f"{r.get('seconds_per_seed', '')} |")
   if result.get("embeddings"):
@@ -130,6 +132,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--embeddings", help="tx-jax embed .npz of embedded:stdlib-docstrings")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--features", nargs="+", choices=("tfidf", "model", "both"),
+                      help="feature rows to run (default: tfidf, and model / both with "
+                           "--embeddings)")
+  parser.add_argument("--add", action="store_true",
+                      help="keep the rows of the existing --out file and add these")
   parser.add_argument("--note", action="append", default=[])
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                     "topics_quality.json"))
@@ -140,15 +147,26 @@ def main():
   labels = np.asarray([source[i]["label"] for i in range(len(source))])
   embeddings, meta = (None, {}) if not args.embeddings else _load_embeddings(
       args.embeddings, len(texts))
-  rows = [baseline_row(texts, labels, args.seeds)]
-  for features in ["tfidf"] + (["model", "both"] if embeddings is not None else []):
+  features_rows = args.features or ["tfidf"] + (["model", "both"] if embeddings is not None
+                                                else [])
+  old = {}
+  if args.add:
+    with open(args.out) as f:
+      old = json.load(f)
+  rows = [r for r in old.get("rows", []) if r["features"] not in features_rows]
+  if not rows:
+    rows.append(baseline_row(texts, labels, args.seeds))
+  for features in features_rows:
     for name, settings in CLUSTERINGS.items():
       row = run_row(name, features, settings, embeddings, texts, labels, args.seeds)
       if row is not None:
         rows.append(row)
-  result = {"n": len(texts), "seeds": args.seeds, "python": sys.version.split()[0],
-            "rows": rows, "embeddings": args.embeddings, "meta": meta, "notes": args.note,
-            "command": " ".join(["python", "benchmarks/topics_quality.py", *sys.argv[1:]]),
+  command = " ".join(["python", "benchmarks/topics_quality.py", *sys.argv[1:]])
+  result = {"n": len(texts), "seeds": sorted(set(old.get("seeds", [])) | set(args.seeds)),
+            "python": sys.version.split()[0], "rows": rows,
+            "embeddings": args.embeddings or old.get("embeddings"),
+            "meta": meta or old.get("meta", {}), "notes": old.get("notes", []) + args.note,
+            "command": "; ".join(([old["command"]] if old else []) + [command]),
             "load_avg_1m": round(os.getloadavg()[0], 2),
             "machine": f"shared {os.cpu_count()}-core CPU (other jobs running)"}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -326,7 +326,7 @@ def topic_report_dir(tmp_path_factory):
 
 def test_report_files_and_json(topic_report_dir):
   r, rep, out, captured = topic_report_dir
-  for name in ("report.json", "topics.csv", "map.png", "over_time.png", "over_time.csv",
+  for name in ("report.json", "topics.csv", "clusters.csv", "map.png", "over_time.png", "over_time.csv",
                "hierarchy.png", "report.html"):
     assert (out / name).stat().st_size > 0, name
   assert json.loads((out / "report.json").read_text()) == rep
@@ -340,6 +340,9 @@ def test_report_files_and_json(topic_report_dir):
   assert set(captured["labels"]) == {"fruit", "space", "code", "sport"}  # Legend: names.
   rows = (out / "topics.csv").read_text().splitlines()
   assert rows[0] == "id,topic,label" and rows[1].startswith("p0,") and len(rows) == 121
+  clusters = (out / "clusters.csv").read_text().splitlines()
+  assert clusters[0] == "id,cluster" and [c.split(",")[1] for c in clusters[1:]] == [
+      str(t) for t in r.topics]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs `apt-get install -y chromium`")

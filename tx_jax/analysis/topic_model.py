@@ -257,9 +257,9 @@ def describe(assign, x, doc_terms, vocab, counts, settings):
   return out, terms
 
 
-def quality(fit_topics, x, assign, labels, counts_inverse, seed):
+def quality(topics, x, assign, labels, counts_inverse, seed):
   """Internal, coherence and (with labels) external metrics of one clustering."""
-  real = [t for t in fit_topics if t["id"] != NOISE]
+  real = [t for t in topics if t["id"] != NOISE]
   metrics = cluster_lib.internal_metrics(x, assign, seed)
   npmis = [t["npmi"] for t in real if t["npmi"] is not None]
   metrics["npmi"] = float(np.mean(npmis)) if npmis else None

@@ -217,8 +217,8 @@ min topic size {s['min_topic_size']}, outliers {esc(str(s['outliers']))}, seed {
 
 
 def write_topic_report(result, out_dir, *, map_reduce="umap", max_posts=200):
-  """Writes report.json, topics.csv, map.png, [over_time.png/.csv], [hierarchy.png],
-  report.html into out_dir -> the report.json dict."""
+  """Writes report.json, topics.csv, clusters.csv, map.png, [over_time.png/.csv],
+  [hierarchy.png], report.html into out_dir -> the report.json dict."""
   if map_reduce not in MAPS:
     raise UserError(f"unknown map {map_reduce!r}; use one of {', '.join(MAPS)}")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -232,6 +232,10 @@ def write_topic_report(result, out_dir, *, map_reduce="umap", max_posts=200):
     w = csv.writer(f)
     w.writerow(["id", "topic", "label"])
     w.writerows((_json_value(i), int(t), names[int(t)]) for i, t in zip(result.ids, result.topics))
+  with open(os.path.join(out_dir, "clusters.csv"), "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)  # The `tx-jax analyze` contract: id, cluster.
+    w.writerow(["id", "cluster"])
+    w.writerows((_json_value(i), int(t)) for i, t in zip(result.ids, result.topics))
   images = {"map": os.path.join(out_dir, "map.png")}
   labels = None
   if result.labels is not None:
