@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--vocab-size", type=int, default=2000,
                  help="SentencePiece pieces (0: raw bytes; default 2000)")
   _add_embed_flags(p)
-  _add_analyze_flags(p)
+  _add_analyze_flags(p, topics=True)
   return parser
 
 
@@ -143,20 +143,40 @@ def _add_embed_flags(p):
   g.add_argument("--sample", type=int, help="embed a seeded random sample of this many documents")
 
 
-def _add_analyze_flags(p):
+def _add_analyze_flags(p, topics: bool = False):
   g = p.add_argument_group("clustering")
-  g.add_argument("--method", default="kmeans", help="kmeans (default), dbscan, spectral or "
-                 "agglomerative")
+  g.add_argument("--method", default=None, help=(
+      "hdbscan (after UMAP; the default, or kmeans when --k is given), kmeans, spectral or "
+      "agglomerative" if topics else
+      "kmeans (default), dbscan, spectral, agglomerative, or hdbscan (the topic pipeline "
+      "of tx-jax topics)"))
   g.add_argument("--k", type=int, help="number of clusters (default: best silhouette in range)")
   g.add_argument("--k-min", type=int, default=2)
   g.add_argument("--k-max", type=int, default=20)
-  g.add_argument("--reduce", default="tsne", help="2-D map: tsne (default) or pca")
+  g.add_argument("--reduce", default=None, help="2-D map: umap (topics' default), tsne "
+                 "(analyze's default) or pca")
   g.add_argument("--normalize", choices=("none", "standardize", "l2"), default="l2",
                  help="scaling before clustering (l2: by cosine similarity)")
   g.add_argument("--eps", type=float, help="DBSCAN radius (default: estimated)")
   g.add_argument("--min-samples", type=int, default=5, help="DBSCAN core size")
   g.add_argument("--examples", type=int, default=5, help="representative posts per cluster")
   g.add_argument("--seed", type=int, default=0)
+  g = p.add_argument_group("topics (the HDBSCAN pipeline)")
+  g.add_argument("--min-topic-size", type=int, default=10, help="HDBSCAN's smallest topic")
+  g.add_argument("--reduce-topics", type=int, help="merge the most similar topics down to N")
+  g.add_argument("--features", default="model", help="model (the embeddings), tfidf, or both "
+                 "(the two views concatenated after scaling)")
+  g.add_argument("--outliers", default="embeddings", help="noise posts go to the nearest topic "
+                 "by embeddings (default) or ctfidf, or stay outliers (none)")
+  g.add_argument("--time-bin", default="week", help="topics over time: day, week or month")
+  g.add_argument("--urls", default="remove", help="URLs in posts: remove, token or keep")
+  g.add_argument("--mentions", default="token", help="@mentions: token, remove or keep")
+  g.add_argument("--min-df", type=int, default=2, help="c-TF-IDF: smallest document frequency")
+  g.add_argument("--top-terms", type=int, default=10)
+  g.add_argument("--diversity", type=float, default=0.3, help="MMR weight of the top terms")
+  if not topics:
+    g.add_argument("--data", help="the data spec the embeddings came from (full texts, ids, "
+                   "time column)")
 
 
 def _init_distributed(args):
@@ -239,7 +259,7 @@ def cmd_export(args, _):
 
 def cmd_analyze(args, _):
   from tx_jax.topics import analyze_summary
-  print(json.dumps(analyze_summary(args, args.embeddings, args.out)))
+  print(json.dumps(analyze_summary(args, args.embeddings, args.out, data=args.data)))
 
 
 def cmd_topics(args, _):

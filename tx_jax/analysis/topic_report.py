@@ -185,6 +185,11 @@ def write_html(path, rep, result, images, max_posts):
                                               img_id="hierarchy")
   s = rep["settings"]
   title = "Topics"
+  enc = rep.get("encoder")
+  encoder_line = (f"<p class=meta>embeddings by <b>{esc(str(enc.get('objective')))}</b> model "
+                  f"{esc(str(enc.get('workdir')))} (step {esc(str(enc.get('step')))}, layer "
+                  f"{esc(str(enc.get('layer')))}, {esc(str(enc.get('pooling')))} pooling)</p>"
+                  if enc else "")
   doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -194,6 +199,7 @@ def write_html(path, rep, result, images, max_posts):
 <p class=meta>{rep['n']} posts ({rep['distinct']} distinct, {rep['reposts']} reposts collapsed);
 method <b>{esc(rep['method'])}</b> on <b>{esc(rep['features'])}</b> features,
 min topic size {s['min_topic_size']}, outliers {esc(str(s['outliers']))}, seed {s['seed']}</p>
+{encoder_line}
 <h2>Quality</h2>
 <table class=metrics><thead><tr><th></th><th>{esc(rep['features'])} features</th>
 <th>TF-IDF baseline, same clustering</th></tr></thead><tbody>{quality}</tbody></table>
@@ -216,15 +222,21 @@ min topic size {s['min_topic_size']}, outliers {esc(str(s['outliers']))}, seed {
     f.write(doc)
 
 
-def write_topic_report(result, out_dir, *, map_reduce="umap", max_posts=200):
+def write_topic_report(result, out_dir, *, map_reduce="umap", max_posts=200, encoder=None):
   """Writes report.json, topics.csv, clusters.csv, map.png, [over_time.png/.csv],
-  [hierarchy.png], report.html into out_dir -> the report.json dict."""
+  [hierarchy.png], report.html into out_dir -> the report.json dict.
+
+  encoder: what made the embeddings (the .npz meta: workdir, objective, step,
+  layer, pooling), stated in the report."""
   if map_reduce not in MAPS:
     raise UserError(f"unknown map {map_reduce!r}; use one of {', '.join(MAPS)}")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise UserError(f"output path {out_dir} is a file, not a directory; pass a directory")
   os.makedirs(out_dir, exist_ok=True)
   rep = report_dict(result)
+  if encoder:
+    rep["encoder"] = {k: encoder[k] for k in ("workdir", "objective", "step", "layer", "pooling",
+                                               "normalized") if k in encoder}
   with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
     json.dump(rep, f, indent=2, ensure_ascii=False, allow_nan=False)
   names = result.names
@@ -270,4 +282,7 @@ def topics_report(npz_path, out_dir, *, data=None, map_reduce="umap", max_posts=
   result = topic_model.fit_topics(
       x, posts.texts, labels=posts.labels, label_names=posts.label_names, ids=posts.ids,
       time_values=times, **settings)
-  return write_topic_report(result, out_dir, map_reduce=map_reduce, max_posts=max_posts)
+  with np.load(npz_path, allow_pickle=False) as f:
+    encoder = json.loads(str(f["meta"])) if "meta" in f.files else None
+  return write_topic_report(result, out_dir, map_reduce=map_reduce, max_posts=max_posts,
+                            encoder=encoder)
