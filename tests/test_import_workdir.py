@@ -124,3 +124,25 @@ def test_gpt2_import_continues_training_generates_and_exports(tmp_path, capsys):
   ids = torch.tensor([[1, 2, 3, 4, 5]])
   with torch.no_grad():
     assert not torch.allclose(back(ids).logits, hf(ids).logits)
+
+
+def test_masked_lm_on_a_hugging_face_vocabulary_replaces_with_regular_tokens_only(minilm):
+  """BERT's specials sit inside the vocabulary ([PAD]=0, [CLS]=101, [MASK]=103): random
+  replacements must come from the other ids (counted by hand here)."""
+  from tx_jax.data import denoising
+  from tx_jax.data.masking import bert_mask
+  from tx_jax.data.tokenizers import load_tokenizer
+  _, workdir = minilm
+  tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
+  specials = set(tok.special_ids.values())
+  assert {0, 100, 101, 102, 103} <= specials
+  regular = denoising.regular_ids(tok)
+  assert len(regular) == tok.vocab_size - len(specials) == denoising.regular_vocab(tok)
+  assert not set(regular.tolist()) & specials
+  tokens = np.full((64, 64), 2000, np.int32)
+  inputs, selected = bert_mask(tokens, np.ones_like(tokens, bool), np.random.default_rng(0),
+                               mask_id=103, num_regular=len(regular), mask_rate=0.9,
+                               mask_token_rate=0.0, random_token_rate=1.0, regular_ids=regular)
+  replaced = inputs[selected]
+  assert selected.sum() > 3000 and not set(replaced.tolist()) & specials
+  assert len(set(replaced.tolist())) > 1000  # spread over the regular vocabulary
