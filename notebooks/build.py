@@ -369,8 +369,7 @@ def social_topics():
           print(json.dumps({k: round(v, 3) for k, v in report["metrics"].items()}))
           lines = ["| cluster | posts | top terms | example |", "|---|---|---|---|"]
           for c in report["clusters"]:
-            example = c["examples"][0]["text"] if isinstance(c["examples"][0], dict) else c["examples"][0]
-            example = str(example)[:80].replace("|", "/")
+            example = str(c["examples"][0])[:80].replace("|", "/") if c["examples"] else ""
             lines.append(f"| {c['id']} | {c['size']} | {', '.join(c['top_terms'][:8])} | {example} |")
           display(Markdown("\\n".join(lines)))
           '''),
