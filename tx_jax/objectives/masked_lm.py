@@ -41,6 +41,7 @@ class MaskedLM(TextObjective):
     self.model = Encoder(model_cfg, mlm_head=mlm_head, sentence_head=self.sentence_order)
 
   def settings(self, config) -> mlm.MaskedLMSettings:
+    """The masking settings of a run config (rates from config.data, ids from the tokenizer)."""
     d = config.data
     return mlm.MaskedLMSettings.from_tokenizer(
         self.tokenizer, mask_rate=d.mask_rate, mask_token_rate=d.mask_token_rate,
@@ -56,10 +57,12 @@ class MaskedLM(TextObjective):
     return super().eval_batches(config, data)
 
   def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    """Packed, freshly masked pieces (`tx_jax.data.mlm`)."""
     return mlm.mlm_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
                                         self._settings, shard_index, shard_count)
 
   def eval_rows(self, source, seq_len, batch_size):
+    """The held-out documents, masked the same way at every call."""
     return mlm.mlm_eval_batches(source, self.tokenizer, seq_len, batch_size,
                                       self._settings)
 
