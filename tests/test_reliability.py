@@ -29,7 +29,7 @@ from tx_jax.errors import UserError
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import loop, optim, preemption, step as step_lib
-from tx_jax.train.setup import load_trained
+from tx_jax.train.trained import load_trained
 from tx_jax.train.state import TrainState
 
 from test_checkpoints import flip_byte, largest_file
@@ -463,7 +463,7 @@ def test_data_policy_counts_reach_the_experiment(tmp_path):
   data.write_bytes(b"\n".join([b"abc " * 40, b"bad \xff byte " * 10] + [b"plain text line"] * 6))
   config = inprocess_config(**{"data.source": f"file:{data}", "data.eval_source": "",
                                "data.max_doc_len": "50", "data.invalid_utf8": "replace"})
-  from tx_jax.train.setup import build_experiment
+  from tx_jax.train.experiment import build_experiment
   exp = build_experiment(config, str(tmp_path / "wd"), create_tokenizer=True)
   assert exp.data_stats["train"]["over_length_chunked"] == 2
   assert exp.data_stats["train"]["invalid_utf8_replaced"] == 1

@@ -276,6 +276,16 @@ def _explain_spm_error(message: str, vocab_size: int) -> str:
   return f"SentencePiece training failed: {message.splitlines()[0]}"
 
 
+def train_on_spec(spec: str, vocab_size: int, prefix: str) -> dict:
+  """`tx-jax tokenizer`: a SentencePiece on data spec `spec` -> PREFIX.model/.vocab."""
+  from tx_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.open_source(spec)
+  texts = (source[i]["text"] for i in range(len(source)))
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  tok = train_sentencepiece(texts, vocab_size, prefix)
+  return {"model": prefix + ".model", "vocab_size": tok.vocab_size, "documents": len(source)}
+
+
 def make_tokenizer(spec: str, specials: Sequence[str] = ()) -> Tokenizer:
   """`"byte"` or `"spm:/path/to/prefix.model"`."""
   if spec == "byte":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import math
@@ -12,7 +11,6 @@ import os
 import ml_collections
 
 from tx_jax.errors import UserError
-from tx_jax.models import TransformerConfig
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -91,16 +89,6 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
     except (ValueError, TypeError) as e:
       raise UserError(f"--config.{key}: {e}") from None
   return config
-
-
-def model_config(config) -> TransformerConfig:
-  """The frozen architecture dataclass from `config.model`, checked."""
-  names = {f.name for f in dataclasses.fields(TransformerConfig)}
-  fields = {k: v for k, v in config.model.items() if k in names}
-  try:
-    return TransformerConfig(**fields).validate()
-  except ValueError as e:
-    raise UserError(str(e)) from None
 
 
 def check_config(config):

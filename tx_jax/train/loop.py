@@ -37,23 +37,14 @@ from tx_jax.errors import UserError
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
-from tx_jax.train import optim, preemption, step as step_lib
-from tx_jax.train.setup import build_experiment, init_state, state_shapes
+from tx_jax.train import preemption, step as step_lib
+from tx_jax.train.evaluate import evaluate
+from tx_jax.train.experiment import build_experiment
+from tx_jax.train.state import init_state, state_shapes
 
 
 def _is_main() -> bool:
   return jax.process_index() == 0
-
-
-def evaluate(eval_step, params, batches, batch_sharding, summarize) -> dict[str, float]:
-  """Sums eval sums over all batches, then summarizes (exact over the whole set)."""
-  total = None
-  for local in batches:
-    sums = eval_step(params, parallel.global_batch(local, batch_sharding))
-    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
-  if total is None:
-    raise UserError("the eval data yielded no batches; give a larger data.eval_source")
-  return summarize(jax.device_get(total))
 
 
 def train(config, workdir: str) -> dict:
@@ -74,7 +65,6 @@ def train(config, workdir: str) -> dict:
   if "://" in workdir:  # os / open() would write to a local directory named "gs:"
     raise UserError(f"--workdir {workdir!r}: URLs are not supported; give a directory all "
                     "hosts share (NFS, or the bucket mounted with gcsfuse)")
-  tx = optim.make_optimizer(config.optim, total_steps)
   halt_after = 1 if t.get("nonfinite", "skip") == "stop" else t.get("max_consecutive_skips", 10)
 
   with contextlib.ExitStack() as stack:  # closed in reverse: logs, signals, checkpoints
@@ -86,6 +76,7 @@ def train(config, workdir: str) -> dict:
     if checkpointer.steps():
       _check_same_tokenizer_spec(config, workdir)
     exp = build_experiment(config, workdir, create_tokenizer=True)
+    tx = exp.tx
     boxed = state_shapes(exp.objective, tx, exp.init_len, t.seed)
     state_shardings = parallel.logical_shardings(boxed, mesh, rules)
     batch_sharding = parallel.batch_sharding(mesh, rules)
@@ -163,7 +154,7 @@ def train(config, workdir: str) -> dict:
         _raise_if_halted(int(skip_run), int(halted_step), halt_after, t, checkpointer)
         elapsed = time.perf_counter() - t0
         if flops_per_unit is None:
-          flops_per_unit = exp.objective.flops_per_token(state.params, exp.init_len)
+          flops_per_unit = exp.objective.flops_per_unit(state.params, exp.init_len)
         rate = units / max(elapsed, 1e-9)
         record = {"train/loss": float(metrics["train/loss"]), "lr": float(exp.lr(done - 1)),
                   f"{exp.objective.unit}_per_s": rate, "mfu": rate * flops_per_unit / peak,
