@@ -37,15 +37,21 @@ unconditional LM of the same size, the baseline of benchmarks/vae_text.py.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from tx_jax import parallel
+from tx_jax.data import sentences
+from tx_jax.errors import UserError
 from tx_jax.generate import filter_logits
 from tx_jax.models import TransformerConfig, TransformerVAE, VAEConfig, count_params
+from tx_jax.objectives.base import Data, register
+from tx_jax.objectives.text import (TextObjective, pool, token_bytes,
+                                    token_cross_entropy, transformer_config)
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
 ACTIVE_UNIT_VARIANCE = 0.01  # Burda et al. 2016's threshold on Var_x E_q[z_d]
@@ -129,21 +135,27 @@ def word_dropout(inputs, segment_ids, rng, rate: float, unk_id: int):
   return jnp.where(drop, unk_id, inputs)
 
 
-# --- the loss -------------------------------------------------------------------------
+# --- the objective --------------------------------------------------------------------
+
+SPECIALS = ("<s>", "</s>", "<unk>")   # start, end, word-dropout token (data.specials)
+VECTOR_LAYERS = ("mu", "log_sigma", "pooled")
 
 
-class TextVAELoss:
-  """The ELBO of a TransformerVAE on sentence batches (`tx_jax.data.sentences` keys).
+@register("vae")
+class TextVAE(TextObjective):
+  """The ELBO of a TransformerVAE on one sentence per row (`tx_jax.data.sentences`).
 
-  token_bytes[v]: UTF-8 bytes of token v (for bits per byte); unk_id: the
-  word-dropout token (needed when word_dropout > 0).
+  token_bytes[v]: UTF-8 bytes of token v (for bits per byte). bos_id / eos_id
+  start and end every row; unk_id replaces dropped decoder inputs.
   """
 
-  def __init__(self, model_cfg: TransformerConfig, vae_cfg: VAEConfig, token_bytes, *,
-               unk_id: int | None = None, kl_schedule: str = "linear",
-               kl_warmup_steps: int = 1000, kl_cycles: int = 4, kl_cycle_ratio: float = 0.5,
-               free_bits: float = 0.0, word_dropout: float = 0.0,
-               unconditional: bool = False, total_steps: int = 1):
+  def __init__(self, model_cfg: TransformerConfig, token_bytes, vae_cfg: VAEConfig | None = None,
+               *, bos_id: int = 0, eos_id: int = 0, unk_id: int | None = None,
+               kl_schedule: str = "linear", kl_warmup_steps: int = 1000, kl_cycles: int = 4,
+               kl_cycle_ratio: float = 0.5, free_bits: float = 0.0, word_dropout: float = 0.0,
+               unconditional: bool = False, total_steps: int = 1, units: str = "sentences",
+               mutual_info: bool = True):
+    vae_cfg = vae_cfg or VAEConfig()
     if kl_schedule not in KL_SCHEDULES:
       raise ValueError(f"vae.kl_schedule={kl_schedule!r} is not one of {KL_SCHEDULES}")
     if not 0.0 <= word_dropout < 1.0:
@@ -152,14 +164,77 @@ class TextVAELoss:
       raise ValueError(f"vae.free_bits={free_bits} must be >= 0 (nats per latent dim)")
     if word_dropout > 0 and unk_id is None:
       raise ValueError("vae.word_dropout > 0 needs an <unk> token in data.specials")
+    if units not in sentences.UNITS:
+      raise ValueError(f"vae.units={units!r} is not one of {sentences.UNITS}")
     self.cfg, self.vae = model_cfg, vae_cfg.validate(model_cfg)
     self.model = TransformerVAE(model_cfg, self.vae)
     self.token_bytes = jnp.asarray(token_bytes, jnp.float32)
-    self.unk_id = unk_id
+    self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
     self.schedule = dict(schedule=kl_schedule, warmup_steps=kl_warmup_steps,
                          total_steps=total_steps, cycles=kl_cycles, cycle_ratio=kl_cycle_ratio)
     self.free_bits, self.word_dropout = float(free_bits), float(word_dropout)
-    self.unconditional = bool(unconditional)
+    self.unconditional, self.units = bool(unconditional), units
+    self.with_mutual_info = bool(mutual_info)
+
+  # --- building ----------------------------------------------------------------------
+
+  @classmethod
+  def open_data(cls, config) -> Data:
+    """The text sources, each document cut into `vae.units` (sentences by default)."""
+    data = super().open_data(config)
+    unit = config.get("vae", {}).get("units", "sentences")
+    if unit not in sentences.UNITS:
+      raise UserError(f"vae.units={unit!r} is not one of {sentences.UNITS}")
+    return Data(sentences.unit_source(data.train, unit), sentences.unit_source(data.eval, unit),
+                data.stats)
+
+  @classmethod
+  def build(cls, config, tokenizer, options: dict):
+    """From config.model, config.vae (latent_dim and the options of __init__) and the
+    tokenizer's <s>, </s>, <unk>."""
+    section = dict(config.get("vae") or {})
+    latent_dim = section.pop("latent_dim", VAEConfig.latent_dim)
+    ids = dict(bos_id=0, eos_id=0, unk_id=None)
+    if tokenizer is not None:
+      missing = [s for s in SPECIALS[:2] if s not in tokenizer.special_ids]
+      if missing:
+        raise UserError(f"the tokenizer has no {', '.join(missing)}; a VAE needs "
+                        f"data.specials={list(SPECIALS)}")
+      ids = dict(bos_id=tokenizer.special_ids["<s>"], eos_id=tokenizer.special_ids["</s>"],
+                 unk_id=tokenizer.special_ids.get("<unk>"))
+    accepted = set(inspect.signature(cls).parameters) - {
+        "model_cfg", "token_bytes", "vae_cfg", "bos_id", "eos_id", "unk_id", "total_steps"}
+    unknown = sorted(set(section) - accepted)
+    if unknown:
+      raise UserError(f"vae.{unknown[0]} is not a VAE setting; use latent_dim or one of "
+                      f"{sorted(accepted)}")
+    try:
+      return cls(transformer_config(config), token_bytes(tokenizer, config.model.vocab_size),
+                 VAEConfig(latent_dim=int(latent_dim)), total_steps=int(config.train.steps),
+                 **ids, **{**section, **options})
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+  # --- batches -----------------------------------------------------------------------
+
+  def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    return sentences.sentence_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
+                                             self.bos_id, self.eos_id, shard_index,
+                                             shard_count)
+
+  def eval_rows(self, source, seq_len, batch_size):
+    return sentences.sentence_eval_batches(source, self.tokenizer, seq_len, batch_size,
+                                           self.bos_id, self.eos_id)
+
+  def synthetic_batch(self, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    """Random full-length sentences (step 0)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
+    ones = np.ones((batch_size, seq_len), np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones,
+            "weights": ones.astype(np.float32), "step": np.zeros(batch_size, np.int32)}
+
+  # --- the loss ----------------------------------------------------------------------
 
   def init_params(self, rng, seq_len: int):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
@@ -187,12 +262,10 @@ class TextVAELoss:
     logits, out = self.apply(params, batch, rng, train)                     # (B, T, V)
     weights, targets = batch["weights"], batch["targets"]
     valid = (jnp.sum(weights, axis=1) > 0).astype(jnp.float32)               # (B,)
-    nll_tok = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    nll = jnp.sum(nll_tok * weights)
+    nll, correct = token_cross_entropy(logits, targets, weights)
     tokens = jnp.sum(weights)
-    latent = self.vae.latent_dim
     if self.unconditional:
-      mu = jnp.zeros((targets.shape[0], latent), jnp.float32)
+      mu = jnp.zeros((targets.shape[0], self.vae.latent_dim), jnp.float32)
       kl = jnp.zeros_like(mu)
     else:
       mu = out["mu"]
@@ -206,7 +279,7 @@ class TextVAELoss:
     mu_valid = mu * valid[:, None]
     sums = {"nll": nll, "weight": tokens, "kl": kl_sum, "sequences": jnp.sum(valid),
             "bytes": jnp.sum(jnp.take(self.token_bytes, targets) * weights),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
+            "correct": correct,
             "mu_sum": jnp.sum(mu_valid, axis=0), "mu_sq_sum": jnp.sum(mu_valid * mu, axis=0)}
     return (nll + kl_term) / jnp.maximum(tokens, 1.0), sums
 
@@ -222,15 +295,151 @@ class TextVAELoss:
             "reconstruction_bits_per_byte": nll / math.log(2) / byte_count,
             "active_units": active_units(sums["mu_sum"], sums["mu_sq_sum"], n)}
 
+  def flops_per_unit(self, params, seq_len: int) -> float:
+    """Training FLOPs per target token: 6N + 12·(encoder + decoder layers)·d·T."""
+    layers = self.cfg.num_layers + (self.cfg.num_encoder_layers or self.cfg.num_layers)
+    return 6 * count_params(params) + 12 * layers * self.cfg.d_model * seq_len
+
+  # --- evaluation --------------------------------------------------------------------
+
+  def evaluation(self, config, data: Data):
+    """I(x; z) over the whole eval set at every eval (vae.mutual_info), or None."""
+    if self.unconditional or not self.with_mutual_info:
+      return None
+    return MutualInfoEvaluation(config, self, data)
+
   def posterior(self, params, tokens, segment_ids):
     """(mu, log_sigma) (B, L) of q(z|x) for sentences tokens (B, T) (1/0 segments)."""
     _, out = self.model.apply({"params": params}, tokens, None, segment_ids=segment_ids)
     return out["mu"], out["log_sigma"]
 
-  def flops_per_unit(self, params, seq_len: int) -> float:
-    """Training FLOPs per target token: 6N + 12·(encoder + decoder layers)·d·T."""
-    layers = self.cfg.num_layers + (self.cfg.num_encoder_layers or self.cfg.num_layers)
-    return 6 * count_params(params) + 12 * layers * self.cfg.d_model * seq_len
+  # --- inference: embed --------------------------------------------------------------
+
+  def embed_setup(self, config, layer, pooling, seq_len):
+    """Layers: "mu" (default: the posterior mean), "log_sigma", "pooled" (the encoder's
+    mean-pooled states) as they are, or an encoder block "encoder/block_XX" pooled."""
+    max_len = config.model.max_len
+    seq_len = int(seq_len or config.data.get("seq_len", max_len))
+    if not 1 <= seq_len <= max_len:
+      raise UserError(f"--seq-len {seq_len} must be in 1..{max_len} (the model's max_len)")
+    blocks = [f"encoder/block_{i:02d}"
+              for i in range(self.cfg.num_encoder_layers or self.cfg.num_layers)]
+    layer = layer or "mu"
+    if layer not in VECTOR_LAYERS + tuple(blocks):
+      raise UserError(f"unknown layer {layer!r}; a VAE embeds {', '.join(VECTOR_LAYERS)} or "
+                      f"{', '.join(blocks)}")
+    self._embed_len = seq_len
+    return layer, (f"model:{layer}" if layer in VECTOR_LAYERS else pooling), seq_len
+
+  def embed_collate(self, records):
+    """Records -> encoder rows (tokens + </s>, as in training) [n, seq_len], truncated count."""
+    texts = [record["text"] for record in records]
+    tokens, segments = encoder_rows(self.tokenizer, texts, self._embed_len, self.eos_id)
+    truncated = sum(len(self.tokenizer.encode(t)) > self._embed_len - 1 for t in texts)
+    return {"tokens": tokens, "segment_ids": segments}, truncated
+
+  def embed_batch(self, params, batch, layer: str, pooling: str):
+    segments = batch["segment_ids"]
+    _, out = self.model.apply({"params": params}, batch["tokens"], None, segment_ids=segments)
+    if layer in VECTOR_LAYERS:
+      return out[layer].astype(jnp.float32)
+    return pool(out[layer], segments, pooling)
+
+  # --- inference: generate -----------------------------------------------------------
+
+  def generate(self, trained, request: dict) -> list[str]:
+    """Sentences from the prior (--num-samples N), along the line between the posterior
+    means of two sentences (--interpolate A B, N points from A to B), or decoded from
+    one sentence's posterior mean (--reconstruct TEXT). Greedy at --temperature 0."""
+    if request.get("prompt") is not None:
+      raise UserError("a VAE does not continue a prompt; use --num-samples N (sentences from "
+                      "the prior), --interpolate A B or --reconstruct TEXT")
+    interpolate, reconstruct = request.get("interpolate"), request.get("reconstruct")
+    if interpolate is not None and reconstruct is not None:
+      raise UserError("give one of --interpolate A B and --reconstruct TEXT")
+    n = int(request.get("num_samples") or 1)
+    seed = int(request.get("seed") or 0)
+    max_len = request.get("max_new_tokens") or trained.config.data.seq_len
+    if not 1 <= max_len <= self.cfg.max_len:
+      raise UserError(f"--max-new-tokens must be in 1..{self.cfg.max_len} (model.max_len)")
+    params = trained.params
+    if interpolate is not None:
+      if len(interpolate) != 2 or n < 2:
+        raise UserError("--interpolate takes two sentences A B and --num-samples N >= 2 "
+                        "(the points from A to B)")
+      mu, _ = self.posterior(params, *self._encoder_rows(list(interpolate), trained))
+      t = jnp.linspace(0.0, 1.0, n)[:, None]
+      z = (1 - t) * mu[0] + t * mu[1]                                        # (N, L)
+    elif reconstruct is not None:
+      mu, _ = self.posterior(params, *self._encoder_rows([reconstruct], trained))
+      z = jnp.repeat(mu, n, axis=0)
+    else:
+      z = jax.random.normal(jax.random.key(seed), (n, self.vae.latent_dim), jnp.float32)
+    out = decode_latents(self.model, params, z, jax.random.key(seed + 1), max_len=int(max_len),
+                         bos_id=self.bos_id, eos_id=self.eos_id,
+                         temperature=float(request.get("temperature") or 0.0),
+                         top_k=int(request.get("top_k") or 0),
+                         top_p=float(request.get("top_p") or 1.0))
+    return [self.tokenizer.decode([t for t in row if t != self.eos_id])
+            for row in np.asarray(out).tolist()]
+
+  def _encoder_rows(self, texts, trained):
+    if any(not self.tokenizer.encode(t) for t in texts):
+      raise UserError("a sentence to encode is empty; pass some text")
+    return encoder_rows(self.tokenizer, texts, trained.config.data.seq_len, self.eos_id)
+
+
+def encoder_rows(tokenizer, texts, seq_len: int, eos_id: int):
+  """Encoder inputs of texts as in training (tokens + </s>, cut to seq_len):
+  (tokens, segment_ids) int32 [n, seq_len], segments 1 on the text, 0 = padding."""
+  tokens = np.zeros((len(texts), seq_len), np.int32)
+  segments = np.zeros((len(texts), seq_len), np.int32)
+  for i, text in enumerate(texts):
+    row = (tokenizer.encode(text) + [eos_id])[:seq_len]
+    tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+  return tokens, segments
+
+
+class MutualInfoEvaluation:
+  """At every eval (and in `tx-jax eval`): `mutual_info`, I(x; z) over the posteriors
+  of every eval sentence, one seeded draw of z per sentence (He et al. 2019)."""
+
+  def __init__(self, config, objective: TextVAE, data: Data):
+    self.config, self.objective = config, objective
+    self.batches = objective.eval_batches(config, data)
+    self._jitted = None
+
+  def _functions(self):
+    if self._jitted is None:
+      mesh = parallel.make_mesh(self.config.mesh)
+      rules = parallel.resolve_rules(self.config.mesh.rules)
+
+      def posterior(params, batch):
+        mu, log_sigma = self.objective.posterior(params, batch["targets"],
+                                                 batch["segment_ids"])
+        return mu, log_sigma, jnp.sum(batch["weights"], axis=1) > 0
+      self._jitted = (mesh, parallel.batch_sharding(mesh, rules),
+                      jax.jit(posterior, out_shardings=parallel.replicated(mesh)))
+    return self._jitted
+
+  def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
+    return self.metrics(params)
+
+  def metrics(self, params) -> dict[str, float]:
+    mesh, sharding, posterior = self._functions()
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    if getattr(leaf, "sharding", None) is None or (
+        leaf.sharding.device_set != set(mesh.devices.flat)):
+      params = jax.device_put(params, parallel.replicated(mesh))  # e.g. one device in eval
+    mus, log_sigmas = [], []
+    for local in self.batches():
+      mu, log_sigma, valid = jax.device_get(posterior(params, parallel.global_batch(
+          {k: local[k] for k in ("targets", "segment_ids", "weights")}, sharding)))
+      mus.append(np.asarray(mu)[valid])
+      log_sigmas.append(np.asarray(log_sigma)[valid])
+    mu, log_sigma = np.concatenate(mus), np.concatenate(log_sigmas)
+    eps = np.random.default_rng(self.config.train.seed).normal(size=mu.shape)
+    return {"mutual_info": mutual_info(mu, log_sigma, eps)}
 
 
 # --- decoding from z ------------------------------------------------------------------
