@@ -1,8 +1,16 @@
 """Text VAE: the KL, the reparameterised gradient, free bits, the collapse diagnostics
 (active units, mutual information) against independent numpy references; a tiny
-VAE that memorises two sentences; resume and mesh equality; user errors."""
+VAE that memorises two sentences; resume after SIGKILL and mesh equality; the
+CLI (generate, embed, eval) and its user errors."""
 
+import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -164,8 +172,9 @@ def test_overfit_on_two_sentences_reconstructs_both_at_temperature_0():
   texts = ["the cat sat on the mat.", "a dog ran far away!"]
   cfg = TransformerConfig(vocab_size=260, num_layers=1, num_encoder_layers=1, d_model=32,
                           num_heads=4, mlp_dim=64, max_len=32, positions="rope")
-  objective = vae_lib.TextVAELoss(cfg, VAEConfig(latent_dim=4), tok.token_byte_lengths(),
-                                  unk_id=unk, kl_schedule="constant", free_bits=0.5)
+  objective = vae_lib.TextVAE(cfg, tok.token_byte_lengths(), VAEConfig(latent_dim=4),
+                              bos_id=bos, eos_id=eos, unk_id=unk, kl_schedule="constant",
+                              free_bits=0.5)
   batch = next(sentences.sentence_eval_batches(sources.ListSource(texts), tok, 32, 2, bos, eos))
   batch["step"] = np.zeros(2, np.int32)
   params = objective.init_params(jax.random.key(0), 32)
@@ -188,3 +197,176 @@ def test_overfit_on_two_sentences_reconstructs_both_at_temperature_0():
   assert decoded == texts
   # The first token comes from z alone, so z must tell the two apart.
   assert float(jnp.linalg.norm(mu[0] - mu[1])) > 0.5
+
+
+# --- one train step on any mesh equals the 1-device step ------------------------------
+
+def vae_family():
+  """(objective, batch): a 1+1-layer VAE with dropout-free but word-dropped, free-bits,
+  warming-up training, and a batch with padded rows."""
+  from test_parallel import B, T, V
+  rng = np.random.default_rng(0)
+  cfg = TransformerConfig(vocab_size=V, num_layers=1, num_encoder_layers=1, d_model=32,
+                          num_heads=4, mlp_dim=64, max_len=T, positions="rope")
+  objective = vae_lib.TextVAE(cfg, np.ones(V, np.float32), VAEConfig(latent_dim=8), bos_id=1,
+                              eos_id=2, unk_id=3, kl_warmup_steps=4, free_bits=0.1,
+                              word_dropout=0.2)
+  batch = objective.synthetic_batch(B, T, V)
+  lengths = rng.integers(3, T + 1, B)
+  lengths[5] = 0                                          # a row that only pads the batch
+  real = np.arange(T)[None] < lengths[:, None]
+  batch["segment_ids"] = real.astype(np.int32)
+  batch["weights"] = real.astype(np.float32)
+  batch["step"] = np.full(B, 2, np.int32)
+  return objective, batch
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_vae_train_step_on_mesh_equals_single_device(shape, monkeypatch):
+  import test_parallel as tp
+  monkeypatch.setattr(tp, "family", lambda name: vae_family())
+  tp.train_step.cache_clear()
+  start, ref, ref_m, _ = tp.train_step("vae")
+  _, new, m, _ = tp.train_step("vae", shape)
+  tp.train_step.cache_clear()
+  assert tp.rel(m["train/loss"], ref_m["train/loss"]) <= 1e-5
+  assert tp.rel(m["grad_norm"], ref_m["grad_norm"]) <= 1e-5
+  tp.assert_close_trees(tp.adam_mu(new), tp.adam_mu(ref), new.params, ref.params)
+  assert int(new.step) == 1
+  moved = [tp.rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(ref.params),
+                                        jax.tree_util.tree_leaves(start.params)) if a.size >= 512]
+  assert moved and min(moved) > 1e-3
+
+
+# --- the CLI: a tiny VAE trained, SIGKILLed, resumed; generate, embed, eval ----------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_TINY = ["--config.model.num_layers=1", "--config.model.num_encoder_layers=1",
+            "--config.model.d_model=32", "--config.model.num_heads=2",
+            "--config.model.mlp_dim=64", "--config.model.max_len=32", "--config.data.seq_len=32",
+            "--config.train.batch_size=8", "--config.data.tokenizer=byte",
+            "--config.model.vocab_size=259", "--config.vae.latent_dim=4",
+            "--config.data.eval_batches=2", "--config.vae.kl_warmup_steps=4"]
+STEPS, EVERY = 8, 2
+CHAIN = ["train", "--config", "configs/vae.py", *CLI_TINY, f"--config.train.steps={STEPS}",
+         f"--config.train.checkpoint_every={EVERY}", f"--config.train.eval_every={STEPS}",
+         "--config.train.log_every=2", "--config.model.dropout_rate=0.1"]
+
+
+def cli_env(cache):
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+          "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def tx(args, cache, **kw):
+  return subprocess.run([sys.executable, "-m", "tx_jax", *args], cwd=ROOT, env=cli_env(cache),
+                        capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  from test_reliability import sealed_steps
+  base = tmp_path_factory.mktemp("vae_runs")
+  cache = base / "xla_cache"
+  straight = base / "straight"
+  done = tx([*CHAIN, "--config.train.async_checkpoints=false", "--workdir", str(straight)],
+            cache, timeout=900)
+  assert done.returncode == 0, done.stderr[-2000:]
+  killed = base / "killed"
+  with open(base / "kill.err", "w") as err:
+    proc = subprocess.Popen([sys.executable, "-m", "tx_jax", *CHAIN, "--workdir", str(killed)],
+                            cwd=ROOT, env=cli_env(cache), stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 600
+    while not {2, 4} & set(sealed_steps(killed)):
+      assert proc.poll() is None and time.time() < deadline, open(base / "kill.err").read()
+      time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  killed_at = sealed_steps(killed)
+  resumed = tx([*CHAIN, "--workdir", str(killed)], cache, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  return {"straight": straight, "killed": killed, "killed_at": killed_at, "cache": cache,
+          "resumed_stdout": resumed.stdout, "base": base}
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_identically(runs):
+  from test_reliability import final_state
+  assert max(runs["killed_at"]) < STEPS
+  assert f"resuming from step {max(runs['killed_at'])}" in runs["resumed_stdout"]
+  (step_a, a), (step_b, b) = final_state(runs["straight"]), final_state(runs["killed"])
+  assert step_a == step_b == STEPS and a.keys() == b.keys() and len(a) > 20
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  evals = [json.loads(l) for l in open(runs["straight"] / "metrics.jsonl") if "eval/kl" in l]
+  for key in ("loss", "reconstruction_loss", "kl", "active_units", "mutual_info",
+              "elbo_bits_per_byte"):
+    assert math.isfinite(evals[-1][f"eval/{key}"]), key
+
+
+@pytest.mark.slow
+def test_generate_interpolate_reconstruct_and_embed_on_a_trained_workdir(runs, tmp_path):
+  wd, cache = str(runs["straight"]), runs["cache"]
+  out = tx(["generate", "--workdir", wd, "--interpolate", "Return the value.",
+            "The list is empty.", "--num-samples", "4", "--temperature", "0",
+            "--max-new-tokens", "12"], cache)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert len(out.stdout.rstrip("\n").split("\n")) == 4
+  prior = tx(["generate", "--workdir", wd, "--num-samples", "3", "--max-new-tokens", "8"], cache)
+  assert prior.returncode == 0 and len(prior.stdout.rstrip("\n").split("\n")) == 3
+  again = tx(["generate", "--workdir", wd, "--num-samples", "3", "--max-new-tokens", "8"], cache)
+  assert again.stdout == prior.stdout                     # seeded
+  recon = tx(["generate", "--workdir", wd, "--reconstruct", "Return the value.",
+              "--temperature", "0", "--max-new-tokens", "8"], cache)
+  assert recon.returncode == 0 and len(recon.stdout.rstrip("\n").split("\n")) == 1
+  # embed writes the posterior means: compare with the objective's own posterior.
+  npz = tmp_path / "mu.npz"
+  emb = tx(["embed", "--workdir", wd, "--data", "embedded:python-docs:eval", "--sample", "5",
+            "--out", str(npz)], cache)
+  assert emb.returncode == 0, emb.stderr[-2000:]
+  got = np.load(npz)
+  assert got["embeddings"].shape == (5, 4)
+  from tx_jax.train.trained import load_trained
+  trained = load_trained(wd)
+  obj = trained.objective
+  texts = [str(t) for t in got["texts"]]
+  tokens, segments = vae_lib.encoder_rows(obj.tokenizer, texts, 32, obj.eos_id)
+  mu, _ = obj.posterior(trained.params, tokens, segments)
+  np.testing.assert_allclose(got["embeddings"], np.asarray(mu), rtol=1e-4, atol=1e-5)
+
+
+def one_line_error(result, pattern):
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("tx-jax: error: "), result.stderr[-2000:]
+  assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("--config.vae.latent_dim=0", r"vae\.latent_dim=0 must be >= 1"),
+    ("--config.vae.kl_schedule=sigmoid", r"vae\.kl_schedule='sigmoid' is not one of"),
+    ("--config.vae.free_bit=1.0", r"vae\.free_bit is not a VAE setting"),
+])
+def test_bad_vae_settings_exit_2_with_one_line(override, pattern, tmp_path):
+  result = tx(["train", "--config", "configs/vae.py", *CLI_TINY, override, "--workdir",
+               str(tmp_path / "w")], tmp_path / "cache")
+  one_line_error(result, pattern)
+
+
+def test_interpolation_on_a_gpt_workdir_exits_2(tmp_path):
+  golden = os.path.join(ROOT, "tests", "golden", "gpt_tiny")
+  result = tx(["generate", "--workdir", golden, "--interpolate", "a", "b", "--num-samples", "3"],
+              tmp_path / "cache")
+  one_line_error(result, r"--prompt")
+
+
+@pytest.mark.slow
+def test_vae_generate_bad_requests_exit_2(runs):
+  wd, cache = str(runs["straight"]), runs["cache"]
+  one_line_error(tx(["generate", "--workdir", wd, "--prompt", "Return"], cache),
+                 r"does not continue a prompt")
+  one_line_error(tx(["generate", "--workdir", wd, "--interpolate", "a", "b"], cache),
+                 r"--num-samples N >= 2")
