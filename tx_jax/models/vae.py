@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tx_jax.models.layers import (Embedder, Projection, Readout, Stack, TransformerConfig,
+from tx_jax.models.layers import (P, Embedder, Projection, Readout, Stack, TransformerConfig,
                                   attention_mask, default_positions, make_norm)
 
 Array = jax.Array
@@ -64,6 +64,29 @@ def pooled_mean(hidden: Array, segment_ids: Array) -> Array:
   real = (segment_ids > 0)[..., None]
   total = jnp.sum(jnp.where(real, hidden.astype(jnp.float32), 0.0), axis=1)
   return total / jnp.maximum(jnp.sum(real, axis=1), 1)
+
+
+class LatentToEmbed(nn.Module):
+  """z (B, L) -> (B, D), zero-initialised: training starts from the unconditional LM.
+
+  With the usual 0.02-scale init, z ~ N(0, 1) would add a vector several times
+  the token embeddings' size to every position, so the first steps would see
+  mostly noise. From zero, the kernel's gradient (z times the decoder's input
+  gradient) grows it only as far as z predicts the sentence.
+  """
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    cfg = self.cfg
+    kernel = self.param("kernel", P(nn.initializers.zeros, ("latent", "embed")),
+                        (z.shape[-1], cfg.d_model), cfg.params_dtype)
+    y = jnp.einsum("bl,ld->bd", z.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+    if cfg.use_bias:
+      bias = self.param("bias", P(nn.initializers.zeros, ("embed",)), (cfg.d_model,),
+                        cfg.params_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
 
 
 class TransformerVAE(nn.Module):
@@ -122,8 +145,7 @@ class TransformerVAE(nn.Module):
       decoder_segment_ids = jnp.ones_like(decoder_inputs)
     positions = (default_positions(decoder_inputs) if decoder_positions is None
                  else decoder_positions)
-    cond = Projection(cfg, (cfg.d_model,), ("latent", "embed"), "bl,ld->bd",
-                      name="latent_to_embed")(z)                             # (B, D)
+    cond = LatentToEmbed(cfg, name="latent_to_embed")(z)                   # (B, D)
     y = embedder(decoder_inputs, positions) + cond[:, None, :]               # (B, T, D)
     if not cfg.pre_norm:
       y = make_norm(cfg, "decoder_embed_norm")(y)
