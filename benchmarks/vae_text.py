@@ -1,6 +1,7 @@
 """Text VAE against the same decoder without z, on held-out python-docs sentences.
 
   python benchmarks/vae_text.py [--out-dir runs/vae_text] [--steps N]
+  python benchmarks/vae_text.py --no-train [--at-step S]   # report on existing runs
 
 Trains configs/vae.py (tiny, defaults) and, in parallel, the same network with
 z = 0, no KL and no word dropout (`vae.unconditional=true`, `vae.word_dropout=0`:
@@ -46,10 +47,29 @@ def wait(proc: subprocess.Popen, started: float) -> dict:
           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
-def last_eval(workdir: str) -> dict:
+def last_eval(workdir: str, at_step: int = 0) -> dict:
+  """The run's last eval line (or the one at step at_step)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f if '"eval/loss"' in line]
+  if at_step:
+    lines = [line for line in lines if line["step"] == at_step]
+  if not lines:
+    raise SystemExit(f"{workdir} has no eval{f' at step {at_step}' if at_step else ''} yet")
   return lines[-1]
+
+
+def time_log(path: str) -> dict:
+  """Wall and CPU seconds from `/usr/bin/time -v` output at the end of a run's log, or
+  from a {"wall_s", "cpu_s"} JSON file."""
+  if path.endswith(".json"):
+    with open(path) as f:
+      return json.load(f)
+  text = open(path).read()
+  get = lambda key: text.split(key)[-1].split("\n")[0].strip()
+  h_m_s = [float(x) for x in get("Elapsed (wall clock) time (h:mm:ss or m:ss):").split(":")]
+  wall = sum(x * 60 ** i for i, x in enumerate(reversed(h_m_s)))
+  cpu = float(get("User time (seconds):")) + float(get("System time (seconds):"))
+  return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
 def generate(workdir: str, *args: str) -> list[str]:
@@ -62,11 +82,24 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out-dir", default=os.path.join(ROOT, "runs", "vae_text"))
   parser.add_argument("--steps", type=int, default=0, help="0: the config's train.steps")
+  parser.add_argument("--no-train", action="store_true",
+                      help="report on runs already in --out-dir (times from their "
+                      "`/usr/bin/time -v` logs, NAME.log, or NAME.time.json)")
+  parser.add_argument("--at-step", type=int, default=0,
+                      help="compare the evals at this step (0: the last ones)")
   args = parser.parse_args()
   os.makedirs(args.out_dir, exist_ok=True)
   vae_dir, lm_dir = (os.path.join(args.out_dir, n) for n in ("vae", "unconditional"))
-  steps = [f"train.steps={args.steps}"] if args.steps else []
+  if args.no_train:
+    times = {n: time_log(next(p for p in (os.path.join(args.out_dir, f"{n}.time.json"),
+                                          os.path.join(args.out_dir, f"{n}.log"))
+                              if os.path.exists(p))) for n in ("vae", "unconditional")}
+  else:
+    times = train_both(vae_dir, lm_dir, [f"train.steps={args.steps}"] if args.steps else [])
+  report(vae_dir, lm_dir, times, args.at_step)
 
+
+def train_both(vae_dir: str, lm_dir: str, steps: list[str]) -> dict:
   t0 = time.time()
   vae = train(vae_dir, steps)
   spm = os.path.join(vae_dir, "tokenizer")
@@ -77,9 +110,12 @@ def main():
   t1 = time.time()
   lm = train(lm_dir, steps + ["vae.unconditional=true", "vae.word_dropout=0",
                               f"data.tokenizer=spm:{os.path.join(vae_dir, 'spm.model')}"])
-  times = {"vae": wait(vae, t0), "unconditional": wait(lm, t1)}
+  return {"vae": wait(vae, t0), "unconditional": wait(lm, t1)}
 
-  v, u = last_eval(vae_dir), last_eval(lm_dir)
+
+def report(vae_dir: str, lm_dir: str, times: dict, at_step: int):
+  v, u = last_eval(vae_dir, at_step), last_eval(lm_dir, at_step)
+  assert v["step"] == u["step"], (v["step"], u["step"])
   keys = ("loss", "reconstruction_loss", "kl", "active_units", "mutual_info",
           "elbo_bits_per_byte", "reconstruction_bits_per_byte", "accuracy")
   result = {
@@ -107,8 +143,9 @@ def markdown(r: dict) -> str:
   v, u, t = r["vae"], r["unconditional"], r["times"]
   lines = [
       "# Text VAE vs the same decoder without z (python-docs sentences, held out)", "",
-      f"`python benchmarks/vae_text.py`: configs/vae.py tiny, {r['step']} steps each, both on "
-      "the VAE run's SentencePiece; the baseline is `vae.unconditional=true "
+      f"`python benchmarks/vae_text.py`: configs/vae.py tiny, held-out evals at step {r['step']}, "
+      "both runs on one SentencePiece (the VAE's); "
+      "the baseline is `vae.unconditional=true "
       "vae.word_dropout=0` (z = 0, no KL: a causal LM of the decoder's exact size).", "",
       "| held-out metric | VAE | unconditional decoder |", "|---|---|---|",
       f"| reconstruction loss given z (nats/token) | {v['reconstruction_loss']:.4f} | "
