@@ -78,6 +78,7 @@ class LatentToEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array) -> Array:
+    """z (B, L) -> W z + b (B, D)."""
     cfg = self.cfg
     kernel = self.param("kernel", P(nn.initializers.zeros, ("latent", "embed")),
                         (z.shape[-1], cfg.d_model), cfg.params_dtype)
@@ -111,6 +112,7 @@ class TransformerVAE(nn.Module):
                decoder_segment_ids: Array | None = None, eps: Array | None = None,
                z: Array | None = None, decode: bool = False,
                deterministic: bool = True) -> tuple[Array | None, dict[str, Array]]:
+    """(logits (B, T, V) or None without decoder inputs, named outputs); see the class."""
     cfg, latent = self.cfg, self.vae.latent_dim
     drop = lambda x: nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     embedder = Embedder(cfg, name="embedder")   # one table for encoder, decoder, readout
