@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="encoder-decoder workdirs: 1 = greedy, >1 = beam search")
   p.add_argument("--length-penalty", type=float, default=0.6,
                  help="beam search: scores are log p / ((5 + length) / 6) ** this")
+  p.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                 help="VAE workdirs: --num-samples N sentences along the line between the "
+                 "posterior means of A and B")
+  p.add_argument("--reconstruct", metavar="TEXT",
+                 help="VAE workdirs: decode the posterior mean of TEXT")
 
   p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on a data spec")
   p.add_argument("--data", required=True)
