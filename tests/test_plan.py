@@ -46,12 +46,12 @@ def test_tiny_configs_plan_on_v5e(spec):
   assert p["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert p["hbm_bytes_per_chip"] == 16 * 2**30
   # Data parallel: every chip holds the whole state, and the compiler's arguments are
-  # that state plus a quarter of the batch.
+  # that state plus a quarter of the batch (within TPU layout padding).
   params, opt = _state_bytes(spec)
   assert p["params_bytes_per_chip"] == params and p["optimizer_bytes_per_chip"] == opt
   args = p["argument_bytes_per_chip"]
-  assert params + opt + p["batch_bytes_per_chip"] <= args <= 1.01 * (params + opt) + \
-      p["batch_bytes_per_chip"] + 1024
+  state = params + opt + p["batch_bytes_per_chip"]
+  assert state <= args <= 2 * state
   assert p["bytes_per_chip"] >= args + p["temp_bytes_per_chip"] - p["donated_bytes_per_chip"]
   assert p["flops_per_step"] > 0 and p["est_step_s"] > 0 and 0 < p["est_mfu"] < 1
   unit = "images" if spec.endswith("mae.py") else "tokens"
@@ -66,11 +66,10 @@ def test_fsdp_over_four_chips_holds_a_quarter_of_the_state():
   # Within padding: only the few 1-D leaves without an `embed` axis (biases) stay whole.
   assert p["params_bytes_per_chip"] == pytest.approx(params / 4, rel=0.03)
   assert p["optimizer_bytes_per_chip"] == pytest.approx(opt / 4, rel=0.03)
-  # The compiled program takes exactly those shards as its arguments.
+  # The compiled program takes those shards as its arguments: more than a quarter (TPU
+  # layouts pad the 32-wide shards to 128 lanes), far less than the whole state.
   state = p["params_bytes_per_chip"] + p["optimizer_bytes_per_chip"]
-  assert p["argument_bytes_per_chip"] == pytest.approx(state + p["batch_bytes_per_chip"],
-                                                       abs=1024)
-  assert p["argument_bytes_per_chip"] < 0.3 * (params + opt)
+  assert state + p["batch_bytes_per_chip"] <= p["argument_bytes_per_chip"] < 0.6 * (params + opt)
 
 
 def _formula_flops(spec, p, *overrides):
