@@ -167,3 +167,25 @@ def test_1b_size_has_1_3b_parameters():
   expected = layers * per_layer + 50257 * d + 2048 * d + 2 * d
   params, _ = _state_bytes("configs/gpt.py:1b")
   assert params == 4 * expected == 4 * 1_315_723_264
+
+
+@pytest.mark.slow
+def test_sweep_ranks_the_splits_that_fit_by_estimated_step_time(capsys, monkeypatch):
+  monkeypatch.setattr(plan_lib, "mesh_candidates", lambda chips, heads, batch: [
+      (4, 1, 1), (1, 1, 4)])
+  monkeypatch.setattr(plan_lib, "REMAT_POLICIES", ("none", "full"))
+  result = plan_lib.run(_config("configs/gpt.py"), TOPOLOGY, do_sweep=True)
+  out, err = capsys.readouterr()
+  assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
+  ranked = result["sweep"]
+  assert len(ranked) == 4 and all(r["fits"] for r in ranked)
+  times = [r["est_step_s"] for r in ranked]
+  assert times == sorted(times) and result["est_step_s"] == times[0]
+  # Full remat recomputes the forward pass: never faster than no remat on the same mesh.
+  by = {(r["mesh"]["tensor"], r["remat"]): r["est_step_s"] for r in ranked}
+  assert by[(1, "full")] >= by[(1, "none")] and by[(4, "full")] >= by[(4, "none")]
+  # Each row's overrides rebuild that plan.
+  best = result["overrides"].split()
+  again = plan_lib.plan(_config("configs/gpt.py", *[o[len("--config."):] for o in best]), TOPOLOGY)
+  assert again["est_step_s"] == pytest.approx(result["est_step_s"])
+  assert err.count("\n") >= 6

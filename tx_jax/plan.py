@@ -360,11 +360,12 @@ def mesh_candidates(chips: int, num_heads: int, batch_size: int) -> list[tuple[i
   return out
 
 
-def sweep(config, topology: str, remats=REMAT_POLICIES, log=None) -> list[dict]:
+def sweep(config, topology: str, remats=None, log=None) -> list[dict]:
   """Plans every mesh split x remat policy (rules fsdp_tp); fits first, fastest first."""
   import copy  # pylint: disable=g-import-not-at-top
   chip, devices = topology_devices(topology)
   plans = []
+  remats = REMAT_POLICIES if remats is None else remats
   for data, fsdp, tensor in mesh_candidates(len(devices), config.model.num_heads,
                                             config.train.batch_size):
     for remat in remats:
