@@ -9,6 +9,7 @@ import pytest
 
 from tx_jax import cli, parallel, plan as plan_lib
 from tx_jax.train import config as config_lib
+from tx_jax.train.experiment import build_objective, make_tx
 
 TOPOLOGY = "v5e:2x2"
 
@@ -30,10 +31,11 @@ def _plan(spec, *overrides):
 
 def _state_bytes(spec, *overrides):
   """(params, optimizer state) bytes of the whole state, from jax.eval_shape alone."""
-  step = plan_lib.loop_step(_config(spec, *overrides))
-  params = jax.eval_shape(lambda: step.objective.init_params(jax.random.key(0), step.init_len))
-  params = parallel.strip_boxes(params)
-  opt = jax.eval_shape(step.tx.init, params)
+  config = _config(spec, *overrides)
+  objective = build_objective(config)
+  params = parallel.strip_boxes(jax.eval_shape(
+      lambda: objective.init_params(jax.random.key(0), objective.init_len(config))))
+  opt = jax.eval_shape(make_tx(objective, config).init, params)
   size = lambda t: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(t))
   return size(params), size(opt)
 

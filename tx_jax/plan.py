@@ -117,46 +117,9 @@ def topology_devices(name: str):
 
 # --- the loop's step, abstractly -----------------------------------------------------
 
-@dataclasses.dataclass
-class LoopStep:
-  """What the training loop jits for a config: objective, optimizer, step options."""
-  config: object
-  objective: object
-  tx: object
-  init_len: int
-  seq_len: int
-  vocab_size: int
-  accumulate_steps: int
-  halt_after: int | None
-
-
-def loop_step(config) -> LoopStep:
-  """The loop's objective, optimizer and step options for `config`, built without data."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from tx_jax.objectives import get_objective  # pylint: disable=g-import-not-at-top
-  from tx_jax.train import config as config_lib, optim  # pylint: disable=g-import-not-at-top
-  from tx_jax.train.setup import make_objective  # pylint: disable=g-import-not-at-top
-  config_lib.check_config(config)
-  cfg = config_lib.model_config(config)
-  if get_objective(config.objective).data_kind == "images":
-    objective = make_objective(config, None)
-  else:  # token_bytes only feed bits-per-byte metrics, not the step's shape
-    objective = get_objective(config.objective)(cfg, np.ones(cfg.vocab_size, np.float32))
-  t = config.train
-  halt_after = 1 if t.get("nonfinite", "skip") == "stop" else t.get("max_consecutive_skips", 10)
-  seq_len = int(config.data.get("seq_len", 0))
-  return LoopStep(config, objective, optim.make_optimizer(config.optim, t.steps),
-                  seq_len, seq_len, cfg.vocab_size, config.optim.accumulate_steps, halt_after)
-
-
-def _synthetic_batch(step: LoopStep, rows: int) -> dict:
-  from tx_jax.train.benchmark import synthetic_lm_batch  # pylint: disable=g-import-not-at-top
-  make = getattr(step.objective, "synthetic_batch", synthetic_lm_batch)
-  return make(rows, step.seq_len, step.vocab_size)
-
-
-def _flops_per_unit(step: LoopStep, params) -> float:
-  return step.objective.flops_per_token(params, step.seq_len)
+def _synthetic_rows(objective, config, rows: int) -> dict:
+  return objective.synthetic_batch(rows, config.data.get("seq_len", 0),
+                                   config.model.get("vocab_size", 0))
 
 
 def _shard_bytes(tree) -> int:
@@ -180,34 +143,35 @@ def _oom(message: str) -> tuple[int | None, int | None]:
 
 
 def _abstract_step(config, devices):
-  """(LoopStep, mesh, rules, jitted train step, abstract state, abstract batch)."""
+  """(objective, mesh, rules, the loop's jitted train step, abstract state, abstract batch)."""
   import jax  # pylint: disable=g-import-not-at-top
   from tx_jax import parallel  # pylint: disable=g-import-not-at-top
+  from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from tx_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from tx_jax.train.setup import state_shapes  # pylint: disable=g-import-not-at-top
-  step = loop_step(config)
+  from tx_jax.train.experiment import build_objective, make_tx  # pylint: disable=g-import-not-at-top
+  from tx_jax.train.state import state_shapes  # pylint: disable=g-import-not-at-top
+  config_lib.check_config(config)
+  objective = build_objective(config)
+  tx = make_tx(objective, config)
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   rules = parallel.resolve_rules(config.mesh.rules)
-  batch_size = config.train.batch_size
+  batch_size, accumulate = config.train.batch_size, config.optim.accumulate_steps
   batch_sharding = parallel.batch_sharding(mesh, rules)
   split = parallel.batch_axis_size(mesh, rules)
-  if batch_size % (split * step.accumulate_steps):
+  if batch_size % (split * accumulate):
     raise UserError(f"train.batch_size={batch_size} does not split over the {split} batch shards "
-                    f"of mesh {dict(mesh.shape)} x optim.accumulate_steps="
-                    f"{step.accumulate_steps}; use a multiple of {split * step.accumulate_steps}")
-  boxed = state_shapes(step.objective, step.tx, step.init_len, config.train.seed)
+                    f"of mesh {dict(mesh.shape)} x optim.accumulate_steps={accumulate}; use a "
+                    f"multiple of {split * accumulate}")
+  boxed = state_shapes(objective, tx, objective.init_len(config), config.train.seed)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       parallel.strip_boxes(boxed), shardings)
   # One synthetic row names the batch's keys, shapes and dtypes; nothing batch-sized is made.
   batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
-           for k, v in _synthetic_batch(step, 1).items()}
-  train_step = jax.jit(
-      step_lib.make_train_step(step.objective, step.tx, step.accumulate_steps, step.halt_after),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-  return step, mesh, rules, train_step, state, batch
+           for k, v in _synthetic_rows(objective, config, 1).items()}
+  train_step = step_lib.jit_train_step(objective, tx, config, mesh, shardings, batch_sharding)
+  return objective, mesh, rules, train_step, state, batch
 
 
 def _compile(train_step, mesh, rules, state, batch):
@@ -278,21 +242,22 @@ def plan(config, topology: str, devices=None, chip=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   if devices is None:
     chip, devices = topology_devices(topology)
-  step, mesh, rules, train_step, state, batch = _abstract_step(config, devices)
+  objective, mesh, rules, train_step, state, batch = _abstract_step(config, devices)
   chips, batch_size = len(devices), config.train.batch_size
-  units = batch_size * (1 if step.objective.unit == "images" else step.seq_len)
-  model_flops = _flops_per_unit(step, state.params) * units
+  accumulate = config.optim.accumulate_steps
+  units = objective.units_per_batch(config)
+  model_flops = objective.flops_per_unit(state.params, config.data.get("seq_len", 0)) * units
   out = {"topology": topology, "chips": chips, "mesh": dict(mesh.shape),
          "rules": config.mesh.rules if isinstance(config.mesh.rules, str) else "custom",
          "remat": config.model.get("remat", "none"), "dtype": config.model.get("dtype"),
          "scan_layers": bool(config.model.get("scan_layers", False)),
-         "batch_size": batch_size, "accumulate_steps": step.accumulate_steps,
+         "batch_size": batch_size, "accumulate_steps": accumulate,
          "hbm_bytes_per_chip": chip.hbm_bytes,
          "params": int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))),
          "params_bytes_per_chip": _shard_bytes(state.params),
          "optimizer_bytes_per_chip": _shard_bytes(state.opt_state),
          "batch_bytes_per_chip": _shard_bytes(batch),
-         "unit": step.objective.unit, f"{step.objective.unit}_per_step": units,
+         "unit": objective.unit, f"{objective.unit}_per_step": units,
          "model_flops_per_step": model_flops}
   t0 = time.perf_counter()
   try:
@@ -311,7 +276,7 @@ def plan(config, topology: str, devices=None, chip=None) -> dict:
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
   cost, cost_source = _cost(compiled), "compiled step"
-  if config.model.get("scan_layers") or step.accumulate_steps > 1:
+  if config.model.get("scan_layers") or accumulate > 1:
     loop_free = _loop_free_cost(config, devices)
     if loop_free is not None:
       cost = loop_free
