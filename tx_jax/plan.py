@@ -385,13 +385,14 @@ def table(plans: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run(config, topology: str, do_sweep: bool = False, out=sys.stdout, err=sys.stderr) -> dict:
+def run(config, topology: str, do_sweep: bool = False, out=None, err=None) -> dict:
   """`tx-jax plan`: the JSON line on stdout (its only line), the table on stderr.
 
   With do_sweep the line is the fastest plan that fits (or the smallest that
   does not) plus `sweep`, every candidate's summary in rank order.
   """
   import json  # pylint: disable=g-import-not-at-top
+  out, err = out or sys.stdout, err or sys.stderr   # looked up now: they may be redirected
   if do_sweep:
     err.write(f"plan: sweeping {topology}\n{TABLE_HEAD}\n")
     plans = sweep(config, topology, log=lambda line: err.write(line + "\n"))
