@@ -46,7 +46,8 @@ def header(name: str, title: str, intro: str):
 # configs/, which `tx-jax train --config configs/...` reads.
 INSTALL = code(f'''
     # Install (Colab): skipped where tx_jax is already importable (a checkout, CI).
-    # On a GPU or TPU runtime, JAX's accelerator wheels stay as Colab installed them.
+    # tx_jax pins jax 0.10; if pip replaces Colab's JAX on a GPU or TPU runtime, add the
+    # matching accelerator wheels (pip install -U "jax[cuda13]" or "jax[tpu]") and restart.
     import importlib.util, os, subprocess, sys
     REPO_URL = "https://github.com/{REPO}"
     if importlib.util.find_spec("tx_jax") is None:
@@ -368,8 +369,7 @@ def social_topics():
           print(json.dumps({k: round(v, 3) for k, v in report["metrics"].items()}))
           lines = ["| cluster | posts | top terms | example |", "|---|---|---|---|"]
           for c in report["clusters"]:
-            example = c["examples"][0]["text"] if isinstance(c["examples"][0], dict) else c["examples"][0]
-            example = str(example)[:80].replace("|", "/")
+            example = str(c["examples"][0])[:80].replace("|", "/") if c["examples"] else ""
             lines.append(f"| {c['id']} | {c['size']} | {', '.join(c['top_terms'][:8])} | {example} |")
           display(Markdown("\\n".join(lines)))
           '''),
@@ -379,9 +379,9 @@ def social_topics():
       md("""
           ## Pretrained encoders
 
-          Instead of pretraining on the posts, an encoder from Hugging Face can be imported
-          with `tx-jax import --from HF_DIR --out WORKDIR` and passed to
-          `tx-jax topics --encoder WORKDIR`."""),
+          Instead of pretraining on the posts, an encoder from Hugging Face is imported
+          into a tx_jax workdir with `tx-jax import --from HF_DIR --out WORKDIR`; a section
+          that clusters the posts with such an encoder will follow here."""),
       code('''
           summary = {"k": report["k"], "metrics": report["metrics"],
                      "sizes": [c["size"] for c in report["clusters"]],

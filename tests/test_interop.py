@@ -7,6 +7,7 @@ on random inputs with the transformers forward pass.
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +24,14 @@ ATOL = 1e-4
 
 
 def _randomize(model, seed=0):
+  """Random values in every trainable tensor (biases and norms too, which a fresh
+  model sets to 0 / 1 and which would hide a mapping mistake); norm scales near 1."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.requires_grad:
         p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        if name.endswith("LayerNorm.weight") or "layernorm" in name.lower() or \
-           name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or \
-           name.endswith("ln_f.weight") or "layer_norm" in name or name.endswith("norm.weight"):
+        if re.search(r"(norm|ln_[12f])[a-z_]*\.weight$", name.lower()):
           p.add_(1.0)
   return model.eval()
 
@@ -307,6 +308,21 @@ def _bert_dir(path, **kw):
   return hf
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_import_as_float32(tmp_path, dtype):
+  hf = _bert_dir(tmp_path / "fp32")
+  hf.to(getattr(torch, dtype)).save_pretrained(str(tmp_path / "half"))
+  half = interop.load_hf(str(tmp_path / "half"))
+  want = interop.load_hf(str(tmp_path / "fp32")).params
+  leaves = jax.tree_util.tree_leaves(half.params)
+  assert {str(x.dtype) for x in leaves} == {"float32"}
+  # each value is the fp32 one rounded to the half type
+  got = half.params["encoder"]["block_00"]["mlp"]["wi"]["kernel"]
+  ref = want["encoder"]["block_00"]["mlp"]["wi"]["kernel"]
+  rounded = torch.tensor(ref).to(getattr(torch, dtype)).float().numpy()
+  np.testing.assert_array_equal(got, rounded)
+
+
 def test_sharded_index_matches_single_file(tmp_path):
   _bert_dir(tmp_path / "one")
   _bert_dir(tmp_path / "many", max_shard_size="40KB")
@@ -468,3 +484,24 @@ def test_hf_tokenizer_wordpiece(tmp_path):
   assert tok.special_ids["<mask>"] not in tok.encode("a [MASK] here")
   assert int(tok.token_byte_lengths()[ids].sum()) == len(text) + 1
   assert tok.decode(ids) == text
+
+
+# ------------------------------------------------------------------ export of tx_jax-made params
+
+
+def test_export_of_tx_jax_initialised_gpt(tmp_path):
+  from tx_jax.models import DecoderLM, TransformerConfig
+  cfg = TransformerConfig(vocab_size=61, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+                          max_len=16, norm_eps=1e-5)
+  model = DecoderLM(cfg)
+  tokens = np.random.default_rng(8).integers(0, 61, (2, 16))
+  boxed = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))["params"]  # as trained
+  ours, _ = model.apply({"params": boxed}, jnp.asarray(tokens, jnp.int32))
+  config = {f: getattr(cfg, f) for f in ("vocab_size", "num_layers", "d_model", "num_heads",
+                                         "mlp_dim", "max_len", "norm_eps")}
+  interop.save_hf("gpt2", config, boxed, str(tmp_path))
+  hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+  with torch.no_grad():
+    assert _max_abs(hf(torch.tensor(tokens)).logits, ours) < ATOL
+  with pytest.raises(UserError, match="GPT-2 cannot express model.positions='rope'"):
+    interop.save_hf("gpt2", {**config, "positions": "rope"}, boxed, str(tmp_path / "rope"))

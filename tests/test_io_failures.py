@@ -118,3 +118,22 @@ def test_full_disk_for_tokenizer_and_report_exits_3(small_disk, tmp_path, capsys
   assert run_main(["analyze", "--embeddings", str(npz), "--out", str(disk / "rep"),
                    "--k", "2", "--reduce", "pca"]) == 3
   assert "No space left on device" in one_error_line(capsys)
+
+
+def test_metrics_log_on_a_full_disk_is_one_io_failure(small_disk):
+  from tx_jax.errors import IOFailure
+  from tx_jax.train.metrics import MetricWriter
+  disk = small_disk("64k")
+  writer = MetricWriter(str(disk), resume_step=0)
+  writer.write(1, {"train/loss": 1.0})
+  fill(disk)
+  with pytest.raises(IOFailure, match=r"appending step 2 to the metrics log .*metrics\.jsonl' "
+                                      r"failed: No space left on device.*free some space"):
+    for _ in range(100):  # the page holding the file's tail fills up first
+      writer.write(2, {"train/loss": 2.0, "note": "x" * 4096})
+  os.remove(disk / "filler")
+  writer.close()
+  # On resume the torn line (if any) is dropped and step 1 kept.
+  MetricWriter(str(disk), resume_step=1).close()
+  lines = (disk / "metrics.jsonl").read_text().splitlines()
+  assert [__import__("json").loads(l)["step"] for l in lines] == [1]

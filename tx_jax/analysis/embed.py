@@ -132,12 +132,12 @@ def embed_records(params, source, collate, embed_fn, *, batch_size: int = 64,
   return Embedded(out, indices, truncated, time.perf_counter() - t0)
 
 
-def embed_source(trained, source, *, layer: str | None = None, pooling: str = "mean",
+def embed_source(trained, source, *, layer: str | None = None, pooling: str | None = None,
                  batch_size: int = 64, seq_len: int | None = None, indices=None, mesh=None,
                  progress: bool = True, callback=None) -> Embedded:
   """Embeds `source` with a loaded model through its objective's embedding hooks;
   layer None: the objective's default (a text model's final hidden states)."""
-  layer, _, seq_len = trained.objective.embed_setup(trained.config, layer, pooling, seq_len)
+  layer, pooling, seq_len = trained.objective.embed_setup(trained.config, layer, pooling, seq_len)
   result = embed_with_objective(trained, source, layer=layer, pooling=pooling,
                                 batch_size=batch_size, indices=indices, mesh=mesh,
                                 progress=progress, callback=callback)
@@ -224,7 +224,7 @@ def _check_out_dir(out_path: str):
 
 
 def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None = None,
-                  pooling: str = "mean", batch_size: int = 64, seq_len: int | None = None,
+                  pooling: str | None = None, batch_size: int = 64, seq_len: int | None = None,
                   sample: int | None = None, seed: int = 0, progress: bool = True,
                   callback=None) -> dict:
   """`tx-jax embed`: the newest checkpoint of workdir over data spec -> out_path (.npz).
@@ -242,11 +242,12 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None =
     raise UserError(f"data {spec!r} has no documents; give a non-empty dataset")
   indices = sample_indices(len(source), sample, seed)
   layer, applied, seq = objective.embed_setup(trained.config, layer, pooling, seq_len)
-  result = embed_with_objective(trained, source, layer=layer, pooling=pooling,
+  result = embed_with_objective(trained, source, layer=layer, pooling=applied,
                                 batch_size=batch_size, indices=indices, mesh=mesh,
                                 progress=progress, callback=callback)
   meta = {"workdir": os.path.abspath(workdir), "step": int(trained.step), "data": spec,
           "objective": trained.config.objective, "layer": layer, "pooling": applied,
+          "normalized": bool(objective.embed_normalized),
           "seq_len": seq, "truncated": int(result.truncated)}
   write_npz(out_path, result, source, meta)
   n, dim = result.embeddings.shape

@@ -8,7 +8,9 @@ Specs:
   tfds:NAME[/CONFIG]:SPLIT                  `tfds.data_source` (no TensorFlow)
 
 A `TextSource` has `len(src)` and `src[i] -> {"text": str}` plus `"label"` when
-`src.has_labels`. When `src.label_names` is a list, labels are ints indexing it;
+`src.has_labels`; .jsonl/.csv records also keep the post columns `id`,
+`created_at` / `date` / `timestamp` and `author` (`POST_FIELDS`) when the file
+has them. When `src.label_names` is a list, labels are ints indexing it;
 otherwise (some TFDS sets) they are the raw values (int or str).
 
 A `DocPolicy` (from the `data.max_doc_len`, `data.over_length` and
@@ -33,6 +35,8 @@ from tx_jax.data.doc_policy import DocPolicy, apply_policy
 from tx_jax.data.source import Source, holdout_split
 from tx_jax.errors import UserError
 
+# Optional per-post columns of .jsonl/.csv files, kept in each record as read.
+POST_FIELDS = ("id", "created_at", "date", "timestamp", "author")
 SPEC_FORMS = (
     "embedded:python-docs[:train|:eval], embedded:stdlib-docstrings, "
     "file:PATH (.jsonl, .csv or text, also .gz), tfds:NAME[/CONFIG]:SPLIT")
@@ -47,9 +51,11 @@ class ListSource(TextSource):
   """In-memory documents with optional labels."""
 
   def __init__(self, texts: Sequence[str], labels: Sequence[Any] | None = None,
-               label_names: list[str] | None = None, name: str = "list"):
+               label_names: list[str] | None = None, name: str = "list",
+               columns: dict[str, Sequence[Any]] | None = None):
     if labels is not None and len(labels) != len(texts):
       raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    self.columns = {k: list(v) for k, v in (columns or {}).items()}  # e.g. created_at
     self.texts = list(texts)
     self.labels = None if labels is None else list(labels)
     self.has_labels = labels is not None
@@ -61,21 +67,29 @@ class ListSource(TextSource):
 
   def __getitem__(self, index):
     record = {"text": self.texts[index]}
+    record.update({k: v[index] for k, v in self.columns.items()})
     if self.labels is not None:
       record["label"] = self.labels[index]
     return record
 
 
 def _labelled(texts: list[str], raw_labels: list[Any] | None, name: str,
-              policy: DocPolicy | None = None):
-  """ListSource (labels mapped to ints over their sorted distinct values), after `policy`."""
+              policy: DocPolicy | None = None, columns: dict[str, list] | None = None):
+  """ListSource (labels mapped to ints over their sorted distinct values), after `policy`.
+
+  columns: more per-document values (POST_FIELDS) that follow their document
+  through the policy (a chunked document repeats them, as it does its label).
+  """
   if policy is not None:
-    texts, raw_labels, stats = apply_policy(texts, raw_labels, policy, name)
-    source = _labelled(texts, raw_labels, name)
+    # The policy carries each document's row number; labels and columns follow it.
+    texts, rows, stats = apply_policy(texts, list(range(len(texts))), policy, name)
+    pick = lambda values: None if values is None else [values[r] for r in rows]
+    source = _labelled(texts, pick(raw_labels), name,
+                       columns={k: pick(v) for k, v in (columns or {}).items()})
     source._stats = stats
     return source
   if raw_labels is None:
-    return ListSource(texts, name=name)
+    return ListSource(texts, name=name, columns=columns)
   distinct = set(raw_labels)
   if all(isinstance(v, int) and not isinstance(v, bool) for v in distinct):
     ordered = sorted(distinct)
@@ -85,7 +99,7 @@ def _labelled(texts: list[str], raw_labels: list[Any] | None, name: str,
     ordered = sorted(distinct, key=str)
   index = {v: i for i, v in enumerate(ordered)}
   return ListSource(texts, [index[v] for v in raw_labels],
-                    [str(v) for v in ordered], name)
+                    [str(v) for v in ordered], name, columns)
 
 
 # --------------------------------------------------------------------- embedded
@@ -202,11 +216,11 @@ def _read_txt(path: str, text: str):
     docs = re.split(r"\n[ \t\r\f\v]*\n", text)
   else:
     docs = lines
-  return [d.strip() for d in docs if d.strip()], None
+  return [d.strip() for d in docs if d.strip()], None, {}
 
 
 def _read_jsonl(path: str, text: str):
-  texts, labels = [], []
+  texts, labels, columns = [], [], {}
   with_label = None
   for lineno, line in enumerate(text.splitlines(), 1):
     if not line.strip():
@@ -239,10 +253,13 @@ def _read_jsonl(path: str, text: str):
       raise UserError(
           f"'{path}' line {lineno}: 'label' must be a string or an integer")
     if record["text"].strip():
+      for key in POST_FIELDS:  # A column missing from some records reads as None.
+        if key in record or key in columns:
+          columns.setdefault(key, [None] * len(texts)).append(record.get(key))
       texts.append(record["text"])
       if with_label:
         labels.append(record["label"])
-  return texts, labels if with_label else None
+  return texts, labels if with_label else None, columns
 
 
 def _read_csv(path: str, text: str):
@@ -260,7 +277,8 @@ def _read_csv(path: str, text: str):
           "name the document column 'text'")
     text_col = header.index("text")
     label_col = header.index("label") if "label" in header else None
-    texts, labels = [], []
+    post_cols = {k: header.index(k) for k in POST_FIELDS if k in header}
+    texts, labels, columns = [], [], {k: [] for k in post_cols}
     try:
       for row in reader:
         if not any(row):
@@ -271,13 +289,15 @@ def _read_csv(path: str, text: str):
               f"header has {len(header)}; quote fields that contain commas")
         if row[text_col].strip():
           texts.append(row[text_col])
+          for key, col in post_cols.items():
+            columns[key].append(row[col])
           if label_col is not None:
             labels.append(row[label_col])
     except csv.Error as e:
       raise UserError(f"'{path}' line {reader.line_num}: bad CSV ({e})") from None
   finally:
     csv.field_size_limit(old_limit)
-  return texts, labels if label_col is not None else None
+  return texts, labels if label_col is not None else None, columns
 
 
 _FILE_READERS = {".jsonl": _read_jsonl, ".csv": _read_csv}  # anything else: _read_txt
@@ -299,11 +319,11 @@ def _open_file(path: str, policy: DocPolicy) -> TextSource:
         f"unsupported data file '{path}' ({ext} is not text); use a text file (.txt, .md, "
         "... one document per line or blank-line separated), .jsonl or .csv, optionally .gz")
   text = _read_utf8(path, strict=policy.invalid_utf8 == "error")
-  texts, labels = _FILE_READERS.get(ext, _read_txt)(path, text)
+  texts, labels, columns = _FILE_READERS.get(ext, _read_txt)(path, text)
   if not texts:
     raise UserError(
         f"data file '{path}' has no non-empty documents; it needs at least one")
-  source = _labelled(texts, labels, f"file:{path}", policy)
+  source = _labelled(texts, labels, f"file:{path}", policy, columns)
   if not len(source):
     raise UserError(
         f"data file '{path}' has no documents left after skipping "
@@ -311,8 +331,6 @@ def _open_file(path: str, policy: DocPolicy) -> TextSource:
         "(data.invalid_utf8=skip); re-encode it as UTF-8 or use replace")
   return source
 
-
-# ------------------------------------------------------------------------- TFDS
 
 # ------------------------------------------------------------------------- API
 

@@ -7,6 +7,19 @@
 
 Reading needs only `safetensors` and numpy (no torch); the written directory
 loads with transformers' `from_pretrained`.
+
+  family   Hugging Face class                         tx_jax model                 objective
+  bert     BertModel / BertForMaskedLM /             Encoder (mlm_head,           masked_lm
+           BertForPreTraining                        sentence_head)
+  gpt2     GPT2LMHeadModel                           DecoderLM                    causal_lm
+  t5       T5ForConditionalGeneration (v1.0, v1.1)   EncoderDecoder               span_corruption
+  vit      ViTModel                                  ViT (encoder alone)          None
+  vit_mae  ViTMAEForPreTraining                      MAE                          mae
+
+Tensors are checked by name and shape against the tree the tx_jax model's
+`init` makes: a missing, extra or misshaped tensor is a UserError naming it.
+Layers come out unscanned (model.scan_layers=False); export needs the same.
+Half-precision checkpoints are widened to float32 (model.param_dtype).
 """
 
 from __future__ import annotations

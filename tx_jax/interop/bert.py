@@ -134,10 +134,11 @@ def save(model_config: dict, params: dict, out_dir: str) -> str:
                     "here; export it with both heads or neither")
   architecture = {v: k for k, v in _HEADS.items()}[(mlm_head, sentence_head)]
   prefix = "" if architecture == "BertModel" else "bert."
+  config = hf_config(cfg, architecture)
   tensors = common.export_tensors(rules(cfg, mlm_head, sentence_head, prefix), params)
   if mlm_head:  # transformers ties decoder.bias to predictions.bias
     tensors["cls.predictions.decoder.bias"] = tensors["cls.predictions.bias"]
-  common.write_model_dir(out_dir, hf_config(cfg, architecture), tensors)
+  common.write_model_dir(out_dir, config, tensors)
   return architecture
 
 

@@ -88,12 +88,14 @@ class TensorReader:
     # A handle of its own per tensor: the file is memory-mapped, and pages read
     # through a long-lived mapping stay in this process's resident set, so a
     # shared handle would hold a second copy of the model by the end.
-    try:
-      with self._open(self.where[name]) as f:
+    path = self.where[name]
+    with self._open(path) as f:
+      if f.get_slice(name).get_dtype() != "BF16":
         return f.get_tensor(name)
-    except TypeError as e:  # e.g. bfloat16, which numpy cannot hold
-      raise UserError(f"cannot read tensor '{name}' as numpy ({e}); re-save the model in "
-                      "float32 or float16") from None
+    # numpy has no bfloat16: read through JAX (ml_dtypes) and widen to float32.
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(path, framework="flax") as f:
+      return np.asarray(f.get_tensor(name), np.float32)
 
   def close(self):
     for handle in self._handles.values():
@@ -342,7 +344,7 @@ def check_exportable(cfg, family: str, free_head_dim: bool = False, **expected) 
   if cfg.kv_heads != cfg.num_heads:
     raise UserError(f"{family} has no grouped-query attention; model.num_kv_heads must be 0")
   if cfg.scan_layers:
-    raise UserError(f"export needs unscanned layers: set model.scan_layers=False and re-read "
+    raise UserError("export needs unscanned layers: set model.scan_layers=False and re-read "
                     "the params (the scanned tree stacks the blocks)")
   for name, want in expected.items():
     if getattr(cfg, name) != want:

@@ -95,8 +95,8 @@ def load(hf: dict, architecture: str, reader: common.TensorReader, source: str
 
 def save(model_config: dict, params: dict, out_dir: str) -> str:
   cfg = TransformerConfig(**model_config).validate()
-  tensors = common.export_tensors(rules(cfg, "transformer."), params)
-  common.write_model_dir(out_dir, hf_config(cfg), tensors)
+  config = hf_config(cfg)
+  common.write_model_dir(out_dir, config, common.export_tensors(rules(cfg, "transformer."), params))
   return "GPT2LMHeadModel"
 
 

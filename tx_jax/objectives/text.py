@@ -262,9 +262,11 @@ class TextObjective(Objective):
   # Batch format: override both.
   def rows(self, source, seq_len: int, batch_size: int, seed: int, shard_index: int,
            shard_count: int):
+    """A resumable train iterator of one data shard: batches of batch_size rows."""
     raise NotImplementedError
 
   def eval_rows(self, source, seq_len: int, batch_size: int):
+    """The global eval batches of `source`, in order, the same at every call."""
     raise NotImplementedError
 
   def train_iterator(self, config, data: Data):
@@ -280,6 +282,7 @@ class TextObjective(Objective):
                              d.eval_batches, t.batch_size)
 
   def init_params(self, rng, seq_len: int):
+    """Parameters of the text model for (1, seq_len) token rows."""
     return self.model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
   def flops_per_unit(self, params, seq_len: int) -> float:
@@ -295,6 +298,11 @@ class TextObjective(Objective):
     return "pre_logits" if "pre_logits" in layers else "encoded"
 
   def embed_setup(self, config, layer, pooling, seq_len):
+    """Defaults: the final hidden states, the workdir's `embed.pooling` (an imported
+    sentence encoder's own) or mean; L2-normalised when `embed.normalize`."""
+    defaults = config.get("embed") or {}
+    pooling = pooling or defaults.get("pooling", "mean")
+    self.embed_normalized = bool(defaults.get("normalize", False))
     max_len = config.model.max_len
     seq_len = int(seq_len or config.data.get("seq_len", max_len))
     if not 1 <= seq_len <= max_len:
@@ -313,4 +321,7 @@ class TextObjective(Objective):
 
   def embed_batch(self, params, batch, layer: str, pooling: str):
     out = text_forward(self.model)(params, batch["tokens"], batch["segment_ids"])
-    return pool(out[layer], batch["segment_ids"], pooling)
+    x = pool(out[layer], batch["segment_ids"], pooling)                      # (B, D)
+    if self.embed_normalized:
+      x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return x

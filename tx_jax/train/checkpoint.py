@@ -268,14 +268,17 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
     """Starts saving `step` (async if enabled); it is sealed once orbax finalises it.
 
-    `data_iterator` is a grain DatasetIterator; its state is written now.
+    `data_iterator` is a grain DatasetIterator; its state is written now. None
+    (an imported model's step 0) writes no data position: a run from such a
+    step starts its data from the beginning.
     """
     self.wait()
     self._needs_bytes = self._size_estimate(state)
     try:
       saved = self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-          meta=ocp.args.JsonSave(meta)), force=force)
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+          **({} if data_iterator is None else
+             {"data": grain.checkpoint.CheckpointSave(data_iterator)})), force=force)
     except Exception as e:  # pylint: disable=broad-except
       if is_io_error(e):
         self._fail_save(step, e)

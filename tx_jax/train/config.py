@@ -193,3 +193,13 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   except (ValueError, TypeError) as e:
     raise UserError(f"{path!r} is not a valid config ({type(e).__name__}); the workdir is "
                     "damaged: restore config.json or train in a new --workdir") from None
+
+
+def workdir_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was written with (config.json), locked like a config file's."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise UserError(f"--workdir {workdir!r} holds no config.json; start a new run with "
+                    "--config configs/NAME.py")
+  config = load_workdir_config(workdir)
+  config.lock()
+  return config

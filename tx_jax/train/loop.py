@@ -102,7 +102,8 @@ def train(config, workdir: str) -> dict:
     else:
       abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), state_shardings)
       relaxed = checkpointer.check_compatible(start, abstract, exp.meta())
-      state, _ = checkpointer.restore(start, abstract, train_iter)
+      # A step-0 checkpoint (an imported model) holds no data position.
+      state, _ = checkpointer.restore(start, abstract, train_iter if start else None)
       if relaxed:
         print_main(f"resuming with changed {', '.join(relaxed)}")
 
