@@ -4,6 +4,7 @@ Launch:
   tx-jax train --config configs/gpt.py --workdir runs/gpt            # tiny, CPU, minutes
   tx-jax train --config configs/gpt.py:124m --workdir /mnt/runs/gpt2 # GPT-2 small shape
   tx-jax benchmark --config configs/gpt.py:bench
+  tx-jax plan --config configs/gpt.py:1b --topology v5p:2x2x2   # 1.3B: what fits where
 
 Expected: `tiny` (800 steps of 16 x 128 tokens) reaches eval/bits_per_byte
 about 2.25 on the held-out topics; 1000 steps gave 2.19 in 9.5 CPU-minutes on
@@ -22,7 +23,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "causal_lm"
   model = make_config(DECODER_SIZES, size)
-  if size == "124m":
+  if size in ("124m", "1b"):
     model = dataclasses.replace(model, dtype="bfloat16", scan_layers=True, remat="dots")
   c.model = ml_collections.ConfigDict(dataclasses.asdict(model))
 
@@ -58,6 +59,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.update(steps=600_000, batch_size=512, eval_every=2000, checkpoint_every=2000)
     c.data.update(source="tfds:lm1b:train", eval_source="tfds:lm1b:test", eval_batches=50)
     c.optim.update(lr=6e-4, warmup_steps=2000)
+  if size == "1b":
+    # GPT-3 XL's recipe scale: 1M-token batches (512 x 2048), lr 2e-4; FSDP over all chips.
+    c.train.update(steps=300_000, batch_size=512, eval_every=2000, checkpoint_every=1000)
+    c.data.update(source="tfds:lm1b:train", eval_source="tfds:lm1b:test", eval_batches=50)
+    c.optim.update(lr=2e-4, warmup_steps=2000)
+    c.mesh.update(data=1, fsdp=-1)
   if size == "bench":
     c.train.update(batch_size=8)
     c.optim.update(warmup_steps=100)

@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True)
   p.add_argument("--steps", type=int, default=20)
 
+  p = sub.add_parser("plan", help="compile the train step for a TPU slice from this machine: "
+                                   "HBM per chip, FLOPs, estimated step time (one JSON line)")
+  p.add_argument("--config", required=True)
+  p.add_argument("--topology", required=True, help="e.g. v5e:4x4, v4:2x2x2, v5p:4x4x4, v6e:8x8")
+  p.add_argument("--sweep", action="store_true",
+                 help="rank data/fsdp/tensor splits x remat policies by estimated step time")
+
   p = sub.add_parser("embed", help="one vector per document from a trained model -> .npz")
   p.add_argument("--workdir", required=True, help="a tx-jax train workdir")
   p.add_argument("--data", required=True, help="data spec, e.g. file:posts.csv")
@@ -244,6 +251,11 @@ def cmd_benchmark(args, overrides):
   print(json.dumps(benchmark(config, steps=args.steps)))
 
 
+def cmd_plan(args, overrides):
+  from tx_jax.plan import run
+  run(_config_from(args, overrides), args.topology, args.sweep)
+
+
 def cmd_embed(args, _):
   from tx_jax.analysis.embed import embed_workdir
   summary = embed_workdir(args.workdir, args.data, args.out, layer=args.layer,
@@ -281,13 +293,13 @@ def _fail(error, status: int) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "tokenizer": cmd_tokenizer, "benchmark": cmd_benchmark, "embed": cmd_embed,
             "analyze": cmd_analyze, "topics": cmd_topics, "import": cmd_import,
-            "export": cmd_export}
+            "export": cmd_export, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   args, overrides = parser.parse_known_args(argv)
-  if overrides and args.command not in ("train", "benchmark"):
+  if overrides and args.command not in ("train", "benchmark", "plan"):
     parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   from tx_jax import errors
   try:

@@ -21,7 +21,9 @@ from tx_jax.models.layers import (ACTIVATIONS, Embedder, Projection, Readout,
 Array = jax.Array
 
 # Decoder sizes. `tiny` (with a 1024-piece SentencePiece) trains on 2 CPU cores in minutes; `bench` is the
-# benchmark shape; `124m` is GPT-2 small (124,439,808 parameters, tied).
+# benchmark shape; `124m` is GPT-2 small (124,439,808 parameters, tied); `1b` is GPT-3 XL's
+# depth and width (24 layers, d 2048) with 128-wide heads and a 2048 context: 1,315,723,264
+# parameters, tied.
 DECODER_SIZES: dict[str, dict] = {
     "tiny": dict(num_layers=4, d_model=128, num_heads=4, mlp_dim=512, max_len=128,
                  vocab_size=1024, positions="rope"),
@@ -29,6 +31,8 @@ DECODER_SIZES: dict[str, dict] = {
                   vocab_size=256),
     "124m": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=3072, max_len=1024,
                  vocab_size=50257),
+    "1b": dict(num_layers=24, d_model=2048, num_heads=16, mlp_dim=8192, max_len=2048,
+               vocab_size=50257),
 }
 
 

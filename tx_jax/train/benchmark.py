@@ -1,5 +1,5 @@
 """Train-step throughput on synthetic batches: tokens/s (or images/s), FLOPs per unit,
-MFU, compile s. The step is the loop's own (same state shardings, donation)."""
+MFU, compile s. The step is the loop's own (`step.jit_train_step`)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ def benchmark(config, steps: int = 20) -> dict:
   batch_sharding = parallel.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(lambda: init_state(objective, tx, init_len, 0), out_shardings=shardings)()
-    step = jax.jit(step_lib.make_train_step(objective, tx, config.optim.accumulate_steps),
-                   in_shardings=(shardings, batch_sharding), donate_argnums=0)
+    step = step_lib.jit_train_step(objective, tx, config, mesh, shardings, batch_sharding)
     vocab = config.model.get("vocab_size", 0)
     batch = parallel.global_batch(objective.synthetic_batch(batch_size, seq_len, vocab),
                                   batch_sharding)

@@ -73,7 +73,7 @@ def train(config, workdir: str) -> dict:
   if "://" in workdir:  # os / open() would write to a local directory named "gs:"
     raise UserError(f"--workdir {workdir!r}: URLs are not supported; give a directory all "
                     "hosts share (NFS, or the bucket mounted with gcsfuse)")
-  halt_after = 1 if t.get("nonfinite", "skip") == "stop" else t.get("max_consecutive_skips", 10)
+  halt_after = step_lib.halt_after(t)
 
   with contextlib.ExitStack() as stack:  # closed in reverse: logs, signals, checkpoints
     # --- Workdir, data and model ---------------------------------------------------
@@ -122,10 +122,8 @@ def train(config, workdir: str) -> dict:
                f"mesh {dict(mesh.shape)}")
 
     # --- Steps ------------------------------------------------------------------
-    train_step = jax.jit(
-        step_lib.make_train_step(exp.objective, tx, config.optim.accumulate_steps, halt_after),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+    train_step = step_lib.jit_train_step(exp.objective, tx, config, mesh, state_shardings,
+                                         batch_sharding)
     eval_step = jax.jit(step_lib.make_eval_step(exp.objective),
                         in_shardings=(state_shardings.params, batch_sharding))
     health = jax.jit(_health, out_shardings=parallel.replicated(mesh))

@@ -1,4 +1,4 @@
-"""Pure train and eval steps; jitted by the loop with shardings and donation."""
+"""Pure train and eval steps, and the loop's jitted train step (shardings, donation)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tx_jax import parallel
 from tx_jax.train.state import TrainState
 
 
@@ -88,3 +89,20 @@ def make_eval_step(objective):
     _, sums = objective.loss_fn(params, batch, jax.random.key(0), False)
     return sums
   return eval_step
+
+
+def halt_after(train_cfg) -> int:
+  """Non-finite steps in a row after which the state halts (`train.nonfinite` = "stop": 1)."""
+  if train_cfg.get("nonfinite", "skip") == "stop":
+    return 1
+  return train_cfg.get("max_consecutive_skips", 10)
+
+
+def jit_train_step(objective, tx, config, mesh, state_shardings, batch_sharding):
+  """The loop's train step, jitted: the state comes in and goes out with its shardings
+  (donated), metrics come out replicated. Training, `tx-jax benchmark` and `tx-jax plan`
+  all run this one."""
+  return jax.jit(
+      make_train_step(objective, tx, config.optim.accumulate_steps, halt_after(config.train)),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
