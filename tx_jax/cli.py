@@ -296,7 +296,23 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "export": cmd_export, "plan": cmd_plan}
 
 
+def _cpu_when_libtpu_has_no_tpu():
+  """libtpu installed (for `tx-jax plan`) on a host with no TPU chips and no GPU plugin:
+  keep JAX on the CPU, since probing for a TPU prints lines of warnings on every command."""
+  import glob
+  import importlib.util
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return  # a TPU VM
+  if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                               "jax_rocm60_plugin")):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None) -> int:
+  _cpu_when_libtpu_has_no_tpu()
   parser = build_parser()
   args, overrides = parser.parse_known_args(argv)
   if overrides and args.command not in ("train", "benchmark", "plan"):
