@@ -172,3 +172,89 @@ def test_inception_score_and_coverage_at_their_extremes():
   # A class predicted for 5 of 1000 samples (< 0.2 * 1000 / 10) is not covered.
   rare = np.eye(k)[np.r_[np.zeros(5, int), 1 + np.arange(995) % 9]]
   assert sq.class_coverage(rare) == pytest.approx(0.9)
+
+
+# ------------------------------------------------------------------ the alternating step
+
+
+def small_config(**model):
+  from tx_jax.train import config as config_lib
+  base = config_lib.load_config_file(os.path.join(ROOT, "configs", "gan.py"))
+  flags = [f"model.{k}={v}" for k, v in {**SMALL, **model}.items()]
+  return config_lib.apply_overrides(base, flags + ["train.batch_size=8"])
+
+
+@pytest.fixture(scope="module")
+def objective_and_state():
+  from tx_jax.objectives.gan import GANObjective
+  from tx_jax.train import optim
+  config = small_config()
+  obj = GANObjective.from_config(config)
+  tx = obj.optimizer(config.optim, lambda cfg: optim.make_optimizer(cfg, 100))
+  params = nn.unbox(obj.init_params(jax.random.key(0)))
+  real = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+  return obj, tx, params, tx.init(params), real
+
+
+def _same(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                                  jax.tree_util.tree_leaves(b)))
+
+
+def test_discriminator_step_leaves_generator_unchanged(objective_and_state):
+  obj, tx, params, opt_state, real = objective_and_state
+  new, new_state, loss, sums, grads = jax.jit(
+      lambda p, s: obj.discriminator_update(p, s, tx, real, jnp.ones(8), jax.random.key(1)))(
+          params, opt_state)
+  assert not _same(new["discriminator"], params["discriminator"])
+  assert _same(new["generator"], params["generator"]) and _same(new["ema"], params["ema"])
+  assert _same(new_state["generator"], opt_state["generator"])
+  assert np.isfinite(float(loss)) and float(sums["weight"]) == 8
+  assert set(grads) == set(params["discriminator"])
+
+
+def test_generator_step_leaves_discriminator_unchanged(objective_and_state):
+  obj, tx, params, opt_state, _ = objective_and_state
+  new, new_state, loss, grads = jax.jit(
+      lambda p, s: obj.generator_update(p, s, tx, 8, jax.random.key(2), 0))(params, opt_state)
+  assert not _same(new["generator"], params["generator"])
+  assert _same(new["discriminator"], params["discriminator"])
+  assert _same(new_state["discriminator"], opt_state["discriminator"])
+  # The EMA followed the new generator by its formula (step 0: beta = 1/10).
+  beta = min(obj.ema_decay, 1 / 10)
+  for e, g, e_new in zip(*(jax.tree_util.tree_leaves(t) for t in
+                           (params["ema"], new["generator"], new["ema"]))):
+    np.testing.assert_allclose(e_new, beta * np.asarray(e) + (1 - beta) * np.asarray(g),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_updates_both_networks_and_skips_non_finite(objective_and_state):
+  from tx_jax.train import step as step_lib
+  from tx_jax.train.state import TrainState
+  obj, tx, params, opt_state, real = objective_and_state
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                     rng=jax.random.key_data(jax.random.key(0)),
+                     skipped=jnp.zeros((), jnp.int32), skip_run=jnp.zeros((), jnp.int32))
+  train_step = jax.jit(step_lib.make_train_step(obj, tx))
+  batch = {"image": real, "valid": np.ones(8, np.float32)}
+  new, metrics = train_step(state, batch)
+  assert int(new.step) == 1 and int(new.skipped) == 0
+  for key in ("generator", "discriminator", "ema"):
+    assert not _same(new.params[key], params[key])
+  assert float(metrics["grad_norm"]) > 0 and np.isfinite(float(metrics["train/loss"]))
+  bad, metrics = train_step(new, {**batch, "image": np.full_like(real, np.nan)})
+  assert int(bad.skipped) == 1 and int(bad.step) == 2 and not bool(metrics["finite"])
+  assert _same(bad.params, new.params) and _same(bad.opt_state, new.opt_state)
+  with pytest.raises(ValueError, match="cannot accumulate"):
+    step_lib.make_train_step(obj, tx, accumulate_steps=2)
+
+
+def test_gan_refuses_gradient_accumulation(objective_and_state):
+  from tx_jax.errors import UserError
+  from tx_jax.train import optim
+  obj = objective_and_state[0]
+  cfg = small_config().optim
+  with cfg.unlocked():
+    cfg.accumulate_steps = 2
+  with pytest.raises(UserError, match="accumulate_steps=2"):
+    obj.optimizer(cfg, lambda c: optim.make_optimizer(c, 10))

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tx_jax.data import images
+
 # --------------------------------------------------------------------- the math
 
 
@@ -228,4 +230,163 @@ def load_classifier(path: str, cfg: ClassifierConfig):
   with np.load(path) as data:
     flat = {tuple(k.split("/")): jnp.asarray(data[k]) for k in data.files}
   return flax.traverse_util.unflatten_dict(flat)
+
+
+
+# ------------------------------------------------------------ the evaluator
+
+
+def unit_images(source, prep, limit: int | None = None) -> np.ndarray:
+  """The first `limit` images of `source` at the model's size, in [0, 1]: [n, S, S, C]."""
+  n = len(source) if limit is None else min(limit, len(source))
+  mean, std = np.asarray(prep.mean, np.float32), np.asarray(prep.std, np.float32)
+  return np.stack([prep.eval(source[i]["image"], source[i].get("id", "")) * std + mean
+                   for i in range(n)]).astype(np.float32)
+
+
+class GeneratorEvaluation:
+  """At every eval of a generator: FID, Inception Score, class coverage and
+  confidence of its samples, beside the same numbers for two references
+  computed once, and a PNG grid of samples in workdir/samples/.
+
+  `sample(params, z) -> images in [0, 1]` is jitted over the run's mesh; its
+  params are the objective's whole tree, `which` names the weights to sample
+  from ({"": params["ema"], "generator_": params["generator"]}: the metric
+  prefix and the subtree). Metrics (N = evaluation.num_samples, default the
+  number of held-out images, the same N for every set):
+    fid, inception_score, class_coverage, confidence      the EMA generator
+    generator_fid, ...                                    the raw generator
+    real_fid, ...                                         held-out real images (the floor)
+    gaussian_fid, ...                                     a full-covariance Gaussian fit
+                                                          to the training pixels
+    classifier_accuracy                                   the classifier on held-out images
+  FID is against the classifier features of every training image. Without
+  labels on the training images there is no classifier and only the grid
+  is made. The classifier is trained once and kept in
+  workdir/sample_quality/classifier.npz (+ .json with its config and
+  held-out accuracy); the references in workdir/sample_quality/references.json.
+  """
+
+  def __init__(self, config, sample, latent_dim: int, prep, train_src, eval_src,
+               which: dict[str, str], classifier: ClassifierConfig):
+    self.config, self.sample, self.latent_dim, self.prep = config, sample, latent_dim, prep
+    self.train_src, self.eval_src, self.which = train_src, eval_src, which
+    self.classifier_cfg = classifier
+    ev = config.evaluation
+    self.num_samples = int(ev.num_samples) or len(eval_src)
+    self.min_share = float(ev.coverage_min_share)
+    self.grid_count = int(ev.grid_samples)
+    self.seed = int(config.train.seed)
+    self._quality, self._references, self._jitted, self._train_x = None, None, None, None
+
+  # --- pieces computed once ------------------------------------------------------
+
+  def _sampler(self):
+    if self._jitted is None:
+      from tx_jax import parallel  # pylint: disable=g-import-not-at-top
+      self._mesh = parallel.make_mesh(self.config.mesh)
+      self._jitted = jax.jit(self.sample, out_shardings=parallel.replicated(self._mesh))
+    return self._jitted
+
+  def _on_mesh(self, params):
+    """params as they are when already on the run's mesh (training), else replicated
+    onto it (`tx-jax eval` loads them onto one device)."""
+    from tx_jax import parallel  # pylint: disable=g-import-not-at-top
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    if getattr(leaf, "sharding", None) is not None and (
+        leaf.sharding.device_set == set(self._mesh.devices.flat)):
+      return params
+    return jax.device_put(params, parallel.replicated(self._mesh))
+
+  def generate(self, params, n: int, seed: int) -> np.ndarray:
+    """n samples [n, S, S, C] in [0, 1] of the weights `params` (one generator's tree)."""
+    sample = self._sampler()
+    params = self._on_mesh(params)
+    z = np.asarray(jax.random.normal(jax.random.key(seed), (n, self.latent_dim)), np.float32)
+    return np.asarray(jax.device_get(sample(params, z)), np.float32)
+
+  def _train_images(self) -> np.ndarray:
+    if self._train_x is None:
+      self._train_x = unit_images(self.train_src, self.prep)
+    return self._train_x
+
+  def quality(self, workdir: str | None) -> "SampleQuality | None":
+    """The trained classifier (loaded from, or trained and saved into, workdir)."""
+    if self._quality is None and self.train_src.has_labels:
+      path = os.path.join(workdir, "sample_quality", "classifier.npz") if workdir else None
+      cfg = self.classifier_cfg
+      train_x = self._train_images()
+      train_y = np.array([self.train_src[i]["label"] for i in range(len(self.train_src))])
+      params = load_classifier(path, cfg) if path else None
+      if params is None:
+        params = train_classifier(train_x, train_y, cfg)
+        quality = SampleQuality(cfg, params, train_x)
+        info = {"train_images": len(train_x)}
+        if self.eval_src.has_labels:
+          eval_y = [self.eval_src[i]["label"] for i in range(len(self.eval_src))]
+          info["heldout_accuracy"] = quality.accuracy(unit_images(self.eval_src, self.prep),
+                                                      eval_y)
+        if path and jax.process_index() == 0:
+          save_classifier(path, cfg, params, info)
+      else:
+        quality = SampleQuality(cfg, params, train_x)
+      self._quality = quality
+    return self._quality
+
+  def references(self, workdir: str | None) -> dict[str, float]:
+    """real_* (held-out images) and gaussian_* metrics, and classifier_accuracy."""
+    if self._references is None:
+      quality = self.quality(workdir)
+      if quality is None:
+        self._references = {}
+        return self._references
+      n = self.num_samples
+      real = unit_images(images.image_subset(self.eval_src, n, self.seed), self.prep)
+      train_x = self._train_images()
+      mean, cov = fit_pixel_gaussian(train_x)
+      gaussian = sample_pixel_gaussian(mean, cov, n, train_x.shape[1:], self.seed)
+      refs = {f"real_{k}": v for k, v in quality.measure(real, self.min_share).items()}
+      refs.update({f"gaussian_{k}": v
+                   for k, v in quality.measure(gaussian, self.min_share).items()})
+      if self.eval_src.has_labels:
+        labels = [self.eval_src[i]["label"] for i in range(len(self.eval_src))]
+        refs["classifier_accuracy"] = quality.accuracy(unit_images(self.eval_src, self.prep),
+                                                       labels)
+      if workdir and jax.process_index() == 0:
+        path = os.path.join(workdir, "sample_quality", "references.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+          json.dump({"num_samples": n, **refs}, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+      self._references = refs
+    return self._references
+
+  # --- every eval ----------------------------------------------------------------
+
+  def metrics(self, params, workdir: str | None = None) -> dict[str, float]:
+    """Every metric above for `params` (read-only unless workdir is given)."""
+    out = dict(self.references(workdir))
+    quality = self.quality(workdir)
+    if quality is None:
+      return out
+    for prefix, key in self.which.items():
+      samples = self.generate(params[key], self.num_samples, self.seed + 1)
+      out.update({f"{prefix}{k}": v for k, v in quality.measure(samples, self.min_share).items()})
+    return out
+
+  def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
+    metrics = self.metrics(params, workdir)
+    if self.grid_count:
+      self.save_grid(params, os.path.join(workdir, "samples", f"step_{step:06d}.png"), step)
+    return metrics
+
+  def save_grid(self, params, path: str, step: int):
+    """One row per generator (the same noise every eval) and a row of held-out images."""
+    from tx_jax.evaluation.image_grid import save_image_grid  # pylint: disable=g-import-not-at-top
+    rows = {("EMA generator" if not prefix else prefix.rstrip("_")):
+            self.generate(params[key], self.grid_count, self.seed + 2)
+            for prefix, key in self.which.items()}
+    rows["held-out"] = unit_images(self.eval_src, self.prep, self.grid_count)
+    if jax.process_index() == 0:
+      save_image_grid(path, rows, title=f"step {step}: samples from fixed noise")
 
