@@ -258,3 +258,144 @@ def test_gan_refuses_gradient_accumulation(objective_and_state):
     cfg.accumulate_steps = 2
   with pytest.raises(UserError, match="accumulate_steps=2"):
     obj.optimizer(cfg, lambda c: optim.make_optimizer(c, 10))
+
+
+# ------------------------------------------------------------------ CLI, resume, bad input
+
+TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=16",
+              "--config.model.num_heads=2", "--config.model.mlp_dim=32",
+              "--config.model.latent_dim=8", "--config.train.batch_size=16",
+              "--config.train.steps=4", "--config.train.log_every=2",
+              "--config.train.eval_every=4", "--config.train.checkpoint_every=2",
+              "--config.train.async_checkpoints=false", "--config.data.eval_examples=64",
+              "--config.evaluation.classifier_steps=20", "--config.evaluation.num_samples=64",
+              "--config.evaluation.grid_samples=4"]
+
+
+def run_cli(args, timeout=900, devices=1):
+  import subprocess
+  import sys
+  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+  return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT, env=env)
+
+
+def one_line_error(result, *needles):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_gan(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("gan") / "run")
+  result = run_cli(["train", "--config", "configs/gan.py", "--workdir", workdir, *TINY_FLAGS])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.slow
+def test_train_logs_sample_quality_and_generate_writes_images(trained_gan, tmp_path):
+  import json
+  records = [json.loads(line) for line in open(os.path.join(trained_gan, "metrics.jsonl"))]
+  evals = [r for r in records if "eval/fid" in r]
+  assert len(evals) == 1 and evals[0]["step"] == 4
+  ev = evals[0]
+  for prefix in ("", "generator_", "real_", "gaussian_"):
+    assert ev[f"eval/{prefix}fid"] >= 0
+    assert 1.0 <= ev[f"eval/{prefix}inception_score"] <= 10.0
+    assert 0.0 <= ev[f"eval/{prefix}class_coverage"] <= 1.0
+  assert ev["eval/real_fid"] < ev["eval/gaussian_fid"]
+  assert 0 <= ev["eval/discriminator_accuracy"] <= 1 and "eval/loss" in ev
+  assert "train/loss" in records[0] and records[0]["images_per_s"] > 0
+  assert os.path.isfile(os.path.join(trained_gan, "samples", "step_000004.png"))
+  meta = json.load(open(os.path.join(trained_gan, "sample_quality", "classifier.npz.json")))
+  assert meta["config"]["steps"] == 20 and 0 <= meta["heldout_accuracy"] <= 1
+
+  from tx_jax.train.trained import load_trained
+  trained = load_trained(trained_gan)
+  out, grid = str(tmp_path / "s.npz"), str(tmp_path / "s.png")
+  lines = trained.objective.generate(trained, {"num_samples": 5, "out": out, "grid": grid,
+                                               "seed": 3})
+  assert len(lines) == 2
+  with np.load(out) as data:
+    samples = data["images"]
+  assert samples.shape == (5, 8, 8, 1) and samples.dtype == np.float32
+  assert samples.min() >= 0.0 and samples.max() <= 1.0 and samples.std() > 0
+  assert os.path.getsize(grid) > 0
+  # Same seed, same images; another seed, others.
+  again = str(tmp_path / "t.npz")
+  trained.objective.generate(trained, {"num_samples": 5, "out": again, "seed": 3})
+  np.testing.assert_array_equal(np.load(again)["images"], samples)
+  trained.objective.generate(trained, {"num_samples": 5, "out": again, "seed": 4})
+  assert not np.array_equal(np.load(again)["images"], samples)
+  from tx_jax.errors import UserError
+  with pytest.raises(UserError, match="--out"):
+    trained.objective.generate(trained, {"num_samples": 5})
+
+  result = run_cli(["eval", "--workdir", trained_gan])
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = json.loads(result.stdout.strip().splitlines()[-1])
+  assert line["step"] == 4 and line["eval/fid"] >= 0
+  assert line["eval/real_fid"] == pytest.approx(ev["eval/real_fid"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_identically(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  from tx_jax.train import checkpoint as ckpt_lib
+  flags = [*TINY_FLAGS, "--config.train.steps=6", "--config.train.eval_every=6",
+           "--config.train.log_every=1"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  assert run_cli(["train", "--config", "configs/gan.py", "--workdir", straight, *flags]
+                 ).returncode == 0
+  proc = subprocess.Popen([sys.executable, "-m", "tx_jax", "train", "--config", "configs/gan.py",
+                           "--workdir", killed, *flags],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  sealed = os.path.join(killed, "checkpoints", "4", ckpt_lib.MANIFEST)
+  deadline = time.time() + 900
+  while not os.path.exists(sealed) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.exists(sealed)
+  result = run_cli(["train", "--config", "configs/gan.py", "--workdir", killed, *flags])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "resuming from step 4" in result.stdout
+
+  def final(workdir):
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True) as c:
+      step, _ = c.newest_good_step()
+      state = c.manager.restore(step, args=ckpt_lib.ocp.args.Composite(
+          state=ckpt_lib.ocp.args.StandardRestore()))["state"]
+    return step, jax.tree_util.tree_flatten_with_path(state)[0]
+
+  (step_a, a), (step_b, b) = final(straight), final(killed)
+  assert step_a == step_b == 6 and len(a) == len(b)
+  for (path, x), (_, y) in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+  keys = {str(p[1]) for p, _ in a if len(p) > 1}
+  assert any("generator" in k for k in keys) and any("ema" in k for k in keys)
+
+
+def test_image_size_not_divisible_by_patch_exits_2(tmp_path):
+  workdir = str(tmp_path / "w")
+  result = run_cli(["train", "--config", "configs/gan.py", "--workdir", workdir,
+                    "--config.model.image_size=10", "--config.model.patch_size=4"])
+  one_line_error(result, "model.image_size=10", "model.patch_size=4")
+  assert not os.path.exists(workdir)
+
+
+def test_generate_num_samples_on_a_non_gan_workdir_exits_2(tmp_path):
+  import shutil
+  copy = str(tmp_path / "gpt")
+  shutil.copytree(os.path.join(ROOT, "tests", "golden", "gpt_tiny"), copy)
+  one_line_error(run_cli(["generate", "--workdir", copy, "--num-samples", "4"]))
