@@ -63,9 +63,10 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  from tx_jax.analysis.probe import probe_metrics
+  from tx_jax.evaluation.probe import probe_metrics
   from tx_jax.models.vit import num_kept
-  from tx_jax.train.setup import build_experiment, load_trained
+  from tx_jax.train.experiment import build_experiment
+  from tx_jax.train.trained import load_trained
 
   trained = load_trained(args.workdir)
   config, objective = trained.config, trained.objective

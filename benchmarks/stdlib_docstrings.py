@@ -42,15 +42,16 @@ def nmi_over_seeds(x, labels, k):
 def variants(workdir, source, labels, k):
   """NMI of k-means on every layer x pooling x normalisation of a trained model."""
   from tx_jax.analysis import embed, reduce
-  from tx_jax.train.setup import load_trained
+  from tx_jax.objectives import text as text_obj
+  from tx_jax.train.trained import load_trained
   trained = load_trained(workdir, mesh=embed.embed_mesh())
-  layers = embed.model_layers(trained.objective.model, 8)
+  layers = text_obj.model_layers(trained.objective.model, 8)
   rows = []
   for layer in layers:
-    for pooling in embed.POOLINGS:
+    for pooling in text_obj.POOLINGS:
       if pooling == "cls" and "<cls>" not in trained.tokenizer.special_ids:
         continue  # A causal model's first token has seen only itself.
-      result = embed.embed_texts(trained, source, layer=layer, pooling=pooling, progress=False)
+      result = embed.embed_source(trained, source, layer=layer, pooling=pooling, progress=False)
       for how in NORMALIZE:
         x = reduce.normalize(result.embeddings, how)
         rows.append({"layer": layer, "pooling": pooling, "normalize": how or "none",

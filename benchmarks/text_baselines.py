@@ -25,15 +25,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from tx_jax.data import denoising  # pylint: disable=g-import-not-at-top
+from tx_jax.data import span_corruption as span_data  # pylint: disable=g-import-not-at-top
 from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-from tx_jax.train import experiments_text, setup  # pylint: disable=g-import-not-at-top
+from tx_jax.objectives import get_objective  # pylint: disable=g-import-not-at-top
+from tx_jax.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
 
 
 def _experiment(config_file: str):
   config = config_lib.load_config_file(os.path.join(ROOT, config_file))
   workdir = tempfile.mkdtemp(prefix="baseline_")
-  return config, setup.build_experiment(config, workdir, create_tokenizer=True)
+  return config, build_experiment(config, workdir, create_tokenizer=True)
 
 
 def _eval_targets(exp) -> np.ndarray:
@@ -62,7 +63,7 @@ def _final_eval(workdir: str | None) -> dict:
 
 def masked_lm(workdir):
   config, exp = _experiment("configs/bert.py")
-  train_source, _ = experiments_text._text_sources(config)  # pylint: disable=protected-access
+  train_source = get_objective(config.objective).open_data(config).train
   tok = exp.tokenizer
   counts = np.zeros(tok.vocab_size)
   for i in range(len(train_source)):
@@ -73,12 +74,12 @@ def masked_lm(workdir):
 
 def span_corruption(workdir):
   config, exp = _experiment("configs/t5.py")
-  train_source, _ = experiments_text._text_sources(config)  # pylint: disable=protected-access
+  train_source = get_objective(config.objective).open_data(config).train
   tok, d = exp.tokenizer, config.data
-  settings = denoising.SpanSettings.from_tokenizer(
+  settings = span_data.SpanSettings.from_tokenizer(
       tok, noise_density=d.noise_density, mean_span_length=d.mean_noise_span_length)
   counts = np.zeros(tok.vocab_size)
-  for b in denoising.span_train_iterator(train_source, tok, d.seq_len, config.train.batch_size,
+  for b in span_data.span_train_iterator(train_source, tok, d.seq_len, config.train.batch_size,
                                          config.train.seed, settings, num_epochs=1):
     np.add.at(counts, b["targets"][b["weights"] > 0], 1)
   return {"config": "configs/t5.py", **_unigram(counts, _eval_targets(exp)),

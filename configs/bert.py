@@ -20,7 +20,7 @@ import dataclasses
 
 import ml_collections
 
-from tx_jax.data.denoising import MLM_SPECIALS as SPECIALS  # <pad> <mask> <cls> <sep>
+from tx_jax.data.mlm import MLM_SPECIALS as SPECIALS  # <pad> <mask> <cls> <sep>
 from tx_jax.models import ENCODER_SIZES, make_config
 
 

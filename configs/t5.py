@@ -27,7 +27,7 @@ import dataclasses
 
 import ml_collections
 
-from tx_jax.data.denoising import t5_specials
+from tx_jax.data.span_corruption import t5_specials
 from tx_jax.models import ENC_DEC_SIZES, make_config
 
 NUM_SENTINELS = 100   # as T5

@@ -12,7 +12,7 @@ import pytest
 
 from tx_jax.errors import UserError
 from tx_jax.train import checkpoint as ckpt_lib
-from tx_jax.train.setup import load_trained
+from tx_jax.train.trained import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,9 @@ import pytest
 from tx_jax import cli
 from tx_jax.analysis import embed
 from tx_jax.data import sources, tokenizers
+from tx_jax.data import tfds as tfds_lib
 from tx_jax.errors import UserError
+from tx_jax.objectives import text as text_obj
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPICS = {
@@ -60,7 +62,7 @@ def run_cli(args, timeout=600):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A 1-layer GPT trained 4 steps on labelled posts (byte tokens), loaded back."""
-  from tx_jax.train.setup import load_trained
+  from tx_jax.train.trained import load_trained
   d = tmp_path_factory.mktemp("embed")
   data = _write_csv(d / "posts.csv", _posts(90))
   wd = str(d / "wd")
@@ -88,7 +90,7 @@ def test_pooling_equals_naive_per_document(trained, layer, pooling):
   tr, _, data = trained
   src = sources.open_source(f"file:{data}")
   texts = [src[i]["text"] for i in range(10)]
-  got = embed.embed_texts(tr, src, layer=layer, pooling=pooling, batch_size=8,
+  got = embed.embed_source(tr, src, layer=layer, pooling=pooling, batch_size=8,
                           indices=np.arange(10), progress=False)
   # Batches of 8 over 8 devices, last one padded; documents of different lengths.
   np.testing.assert_allclose(got.embeddings, _naive(tr, texts, layer, pooling),
@@ -101,11 +103,11 @@ def test_padding_and_batch_size_do_not_change_embeddings(trained):
   src = sources.open_source(f"file:{data}")
   short = [i for i in range(len(src)) if len(src[i]["text"]) < 16][:12]
   assert len(short) >= 8
-  a = embed.embed_texts(tr, src, indices=short, seq_len=16, batch_size=64, progress=False)
-  b = embed.embed_texts(tr, src, indices=short, seq_len=32, batch_size=1, progress=False)
+  a = embed.embed_source(tr, src, indices=short, seq_len=16, batch_size=64, progress=False)
+  b = embed.embed_source(tr, src, indices=short, seq_len=32, batch_size=1, progress=False)
   # 8 devices: batch 1 rounds up to 8, so 2 batches vs 1 (streamed vs one big batch).
   np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-6)
-  c = embed.embed_texts(tr, src, indices=short[:5], seq_len=16, batch_size=8, progress=False)
+  c = embed.embed_source(tr, src, indices=short[:5], seq_len=16, batch_size=8, progress=False)
   np.testing.assert_allclose(c.embeddings, a.embeddings[:5], rtol=1e-5, atol=1e-6)
 
 
@@ -114,20 +116,20 @@ def test_pool_ignores_padding_even_if_not_finite():
   h = rng.normal(size=(3, 5, 4)).astype(np.float32)
   seg = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], np.int32)
   h[seg == 0] = np.nan  # What padded positions hold must not matter.
-  mean = np.asarray(embed.pool(jnp.asarray(h), jnp.asarray(seg), "mean"))
+  mean = np.asarray(text_obj.pool(jnp.asarray(h), jnp.asarray(seg), "mean"))
   np.testing.assert_allclose(mean[0], h[0, :3].mean(0), rtol=1e-6)
   np.testing.assert_allclose(mean[1], h[1, 0], rtol=1e-6)
   np.testing.assert_array_equal(mean[2], 0.0)  # A padding row pools to zeros.
-  last = np.asarray(embed.pool(jnp.asarray(h), jnp.asarray(seg), "last"))
+  last = np.asarray(text_obj.pool(jnp.asarray(h), jnp.asarray(seg), "last"))
   np.testing.assert_allclose(last[:2], [h[0, 2], h[1, 0]])
-  cls = np.asarray(embed.pool(jnp.asarray(h), jnp.asarray(seg), "cls"))
+  cls = np.asarray(text_obj.pool(jnp.asarray(h), jnp.asarray(seg), "cls"))
   np.testing.assert_allclose(cls[:2], h[:2, 0])
   assert np.isfinite(last).all() and np.isfinite(cls).all()
 
 
 def test_text_inputs_truncate_and_wrap_bert_specials():
   tok = tokenizers.ByteTokenizer(specials=("<pad>", "<mask>", "<cls>", "<sep>"))
-  inputs = embed.TextInputs(tok, seq_len=6)
+  inputs = text_obj.TextInputs(tok, seq_len=6)
   batch, cut = inputs.collate([{"text": "ab"}, {"text": "abcdefgh"}, {"text": "abcd"}])
   cls, sep = tok.special_ids["<cls>"], tok.special_ids["<sep>"]
   np.testing.assert_array_equal(batch["tokens"], [[cls, 97, 98, sep, 0, 0],
@@ -135,11 +137,11 @@ def test_text_inputs_truncate_and_wrap_bert_specials():
                                                   [cls, 97, 98, 99, 100, sep]])
   np.testing.assert_array_equal(batch["segment_ids"].sum(1), [4, 6, 6])
   assert cut == 1  # "abcd" fits exactly; only the 8-byte text is cut.
-  plain, cut = embed.TextInputs(tokenizers.ByteTokenizer(), 3).collate([{"text": "abcd"}])
+  plain, cut = text_obj.TextInputs(tokenizers.ByteTokenizer(), 3).collate([{"text": "abcd"}])
   np.testing.assert_array_equal(plain["tokens"], [[97, 98, 99]])
   assert cut == 1
   # Batches are padded to the shortest power-of-two bucket (>= 16) that fits.
-  wide = embed.TextInputs(tokenizers.ByteTokenizer(), 128)
+  wide = text_obj.TextInputs(tokenizers.ByteTokenizer(), 128)
   for text, width in [("a", 16), ("a" * 16, 16), ("a" * 17, 32), ("a" * 100, 128),
                       ("a" * 300, 128)]:
     batch, _ = wide.collate([{"text": "b"}, {"text": text}])
@@ -220,7 +222,7 @@ FAMILIES = {
 @pytest.fixture(scope="module")
 def families(trained, tmp_path_factory):
   """name -> (Trained, workdir, data): each family trained 1 step in-process on the posts."""
-  from tx_jax.train.setup import load_trained
+  from tx_jax.train.trained import load_trained
   d = tmp_path_factory.mktemp("families")
   data = trained[2]
   out = {}
@@ -257,7 +259,7 @@ def test_every_model_family_embeds_its_final_hidden_states(families, name, pooli
   tr, _, data = families[name]
   src = sources.open_source(f"file:{data}")
   texts = [src[i]["text"] for i in range(5)]
-  got = embed.embed_texts(tr, src, pooling=pooling, batch_size=8, indices=np.arange(5),
+  got = embed.embed_source(tr, src, pooling=pooling, batch_size=8, indices=np.arange(5),
                           progress=False)
   assert got.layer == ("encoded" if name == "t5" else "pre_logits")
   np.testing.assert_allclose(got.embeddings, _naive_family(tr, texts, name, pooling),
@@ -293,10 +295,10 @@ def test_embed_social_media_from_tfds(trained, tmp_path, monkeypatch):
       with np.load(out, allow_pickle=False) as z:
         assert summary["n"] == 12 and z["embeddings"].shape == (12, 32)
         assert np.isfinite(z["embeddings"]).all()
-        assert list(z["texts"]) == [sources._as_python(raw[i]["text" if key == "polarity"
+        assert list(z["texts"]) == [tfds_lib._as_python(raw[i]["text" if key == "polarity"
                                                            else "content"])[:2000]
                                     for i in range(12)]
-        assert list(z["labels"]) == [sources._as_python(raw[i][key]) for i in range(12)]
+        assert list(z["labels"]) == [tfds_lib._as_python(raw[i][key]) for i in range(12)]
   assert "tensorflow" not in sys.modules
 
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from tx_jax import cli
-from tx_jax.data import denoising, sources, tokenizers
+from tx_jax.data import mlm, sources, tokenizers
 from tx_jax.data.masking import bert_mask
 from tx_jax.errors import UserError
 from tx_jax.models import ENCODER_SIZES, Encoder, count_params, make_config, param_shapes
 from tx_jax.objectives.masked_lm import MaskedLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOK = tokenizers.ByteTokenizer(denoising.MLM_SPECIALS)     # <pad> 256 <mask> 257 <cls> 258 <sep> 259
+TOK = tokenizers.ByteTokenizer(mlm.MLM_SPECIALS)     # <pad> 256 <mask> 257 <cls> 258 <sep> 259
 MASK, CLS, SEP = 257, 258, 259
 
 
@@ -91,13 +91,13 @@ def _pieces(batches, sentence_order=False):
 def test_mlm_eval_batches_cover_every_document_in_order():
   docs = _docs()
   src = sources.ListSource(docs)
-  settings = denoising.MaskedLMSettings.from_tokenizer(TOK)
-  batches = list(denoising.mlm_eval_batches(src, TOK, 32, 4, settings))
+  settings = mlm.MaskedLMSettings.from_tokenizer(TOK)
+  batches = list(mlm.mlm_eval_batches(src, TOK, 32, 4, settings))
   # Every document, cut into 30-token pieces, each exactly once (packing may reorder).
   got = collections.Counter(bytes(p["targets"][1:-1].astype(np.uint8)) for p in _pieces(batches))
   assert got == collections.Counter(d.encode()[i:i + 30] for d in docs
                                     for i in range(0, len(d.encode()), 30))
-  again = list(denoising.mlm_eval_batches(src, TOK, 32, 4, settings))
+  again = list(mlm.mlm_eval_batches(src, TOK, 32, 4, settings))
   for a, b in zip(batches, again):   # the same eval positions every time
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
   sel = np.concatenate([p["weights"][1:-1] for p in _pieces(batches)])
@@ -106,8 +106,8 @@ def test_mlm_eval_batches_cover_every_document_in_order():
 
 def test_sentence_order_pieces():
   docs = _docs(seed=1)
-  settings = denoising.MaskedLMSettings.from_tokenizer(TOK, sentence_order=True)
-  batches = list(denoising.mlm_eval_batches(sources.ListSource(docs), TOK, 24, 4, settings))
+  settings = mlm.MaskedLMSettings.from_tokenizer(TOK, sentence_order=True)
+  batches = list(mlm.mlm_eval_batches(sources.ListSource(docs), TOK, 24, 4, settings))
   pieces = _pieces(batches)
   text, labels = collections.Counter(), []
   for p in pieces:
@@ -131,8 +131,8 @@ def test_sentence_order_pieces():
 
 def test_mlm_train_iterator_is_deterministic_per_seed_and_step_and_resumes():
   src = sources.ListSource(_docs(30, seed=2))
-  settings = denoising.MaskedLMSettings.from_tokenizer(TOK)
-  make = lambda seed: denoising.mlm_train_iterator(src, TOK, 32, 2, seed, settings)
+  settings = mlm.MaskedLMSettings.from_tokenizer(TOK)
+  make = lambda seed: mlm.mlm_train_iterator(src, TOK, 32, 2, seed, settings)
   ref = make(5)
   ref_batches = [next(ref) for _ in range(40)]
   same = make(5)
@@ -151,8 +151,8 @@ def test_mlm_train_iterator_is_deterministic_per_seed_and_step_and_resumes():
       got = next(fresh)
       for key in got:
         np.testing.assert_array_equal(got[key], ref_batches[k + j][key])
-  other = denoising.mlm_train_iterator(
-      src, TOK, 32, 2, 5, denoising.MaskedLMSettings.from_tokenizer(TOK, mask_rate=0.2))
+  other = mlm.mlm_train_iterator(
+      src, TOK, 32, 2, 5, mlm.MaskedLMSettings.from_tokenizer(TOK, mask_rate=0.2))
   with pytest.raises(UserError, match="mask_rate: 0.15 -> 0.2"):
     other.set_state(make(5).get_state())
 
@@ -160,8 +160,8 @@ def test_mlm_train_iterator_is_deterministic_per_seed_and_step_and_resumes():
 def test_masking_is_fresh_every_epoch():
   # One document, one row per epoch: the same text, masked anew each time.
   src = sources.ListSource(["one small document about python lists"])
-  settings = denoising.MaskedLMSettings.from_tokenizer(TOK)
-  it = denoising.mlm_train_iterator(src, TOK, 64, 1, 0, settings)
+  settings = mlm.MaskedLMSettings.from_tokenizer(TOK)
+  it = mlm.mlm_train_iterator(src, TOK, 64, 1, 0, settings)
   rows = [next(it) for _ in range(4)]
   assert all((r["targets"] == rows[0]["targets"]).all() for r in rows)
   assert len({r["weights"].tobytes() for r in rows}) > 1
@@ -169,18 +169,19 @@ def test_masking_is_fresh_every_epoch():
 
 def test_bad_settings_and_missing_specials():
   with pytest.raises(UserError, match="<mask>"):
-    denoising.MaskedLMSettings.from_tokenizer(tokenizers.ByteTokenizer(("<pad>",)))
+    mlm.MaskedLMSettings.from_tokenizer(tokenizers.ByteTokenizer(("<pad>",)))
   with pytest.raises(UserError, match="masking rates"):
-    denoising.MaskedLMSettings.from_tokenizer(TOK, mask_token_rate=0.95)
+    mlm.MaskedLMSettings.from_tokenizer(TOK, mask_token_rate=0.95)
 
 
 def test_unknown_objective_option_is_a_user_error():
-  from tx_jax.train import config as config_lib, setup
+  from tx_jax.objectives import get_objective
+  from tx_jax.train import config as config_lib
   config = config_lib.load_config_file(os.path.join(ROOT, "configs/bert.py"))
   with config.unlocked():
     config.objective_options.next_sentence = True
   with pytest.raises(UserError, match=r"\['next_sentence'\] are not options of 'masked_lm'"):
-    setup.make_objective(config, TOK)
+    get_objective(config.objective).from_config(config, TOK)
 
 
 def test_bert_base_parameter_count():
@@ -266,7 +267,8 @@ def test_padding_does_not_change_real_tokens_with_heads(sop_objective):
 
 @pytest.mark.parametrize("config_file", ["configs/bert.py", "configs/t5.py"])
 def test_configs_read_file_and_tfds_sources(config_file, tmp_path, monkeypatch):
-  from tx_jax.train import config as config_lib, setup
+  from tx_jax.train import config as config_lib
+  from tx_jax.train.experiment import build_experiment
   tfds = pytest.importorskip("tensorflow_datasets")
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   docs = tmp_path / "docs.txt"
@@ -276,7 +278,7 @@ def test_configs_read_file_and_tfds_sources(config_file, tmp_path, monkeypatch):
         os.path.join(ROOT, config_file)), [f"data.source={spec}", "data.eval_source=",
                                            "train.batch_size=2"])
     with tfds.testing.mock_data(num_examples=20):
-      exp = setup.build_experiment(config, str(tmp_path / f"wd{i}"), create_tokenizer=True)
+      exp = build_experiment(config, str(tmp_path / f"wd{i}"), create_tokenizer=True)
       train = next(exp.train_iterator())
       evals = next(exp.eval_batches())
     assert train["weights"].sum() > 0 and evals["weights"].sum() > 0

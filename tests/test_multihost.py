@@ -138,8 +138,9 @@ def test_fsdp8_checkpoints_restore_on_other_meshes(runs):
   import jax
   import ml_collections
   from tx_jax import parallel
-  from tx_jax.train import loop
-  from tx_jax.train.setup import build_experiment, load_trained
+  from tx_jax.train.evaluate import evaluate
+  from tx_jax.train.experiment import build_experiment
+  from tx_jax.train.trained import load_trained
   from tx_jax.train.step import make_eval_step
 
   root, _ = runs
@@ -160,7 +161,7 @@ def test_fsdp8_checkpoints_restore_on_other_meshes(runs):
   rules = parallel.resolve_rules(trained.config.mesh.rules)
   exp = build_experiment(trained.config, str(root / "one"), create_tokenizer=False)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    metrics = loop.evaluate(jax.jit(make_eval_step(exp.objective)), trained.params,
+    metrics = evaluate(jax.jit(make_eval_step(exp.objective)), trained.params,
                             exp.eval_batches(), parallel.batch_sharding(mesh, rules),
                             exp.objective.summarize)
   assert close(metrics["loss"]), (metrics, trained_loss)
@@ -169,7 +170,7 @@ def test_fsdp8_checkpoints_restore_on_other_meshes(runs):
   kernel = single.params["decoder"]["block_00"]["mlp"]["wi"]["kernel"]
   assert len(kernel.sharding.device_set) == 1
   one_device = parallel.batch_sharding(kernel.sharding.mesh, rules)
-  metrics = loop.evaluate(jax.jit(make_eval_step(exp.objective)), single.params,
+  metrics = evaluate(jax.jit(make_eval_step(exp.objective)), single.params,
                           exp.eval_batches(), one_device, exp.objective.summarize)
   assert close(metrics["loss"]), (metrics, trained_loss)
 

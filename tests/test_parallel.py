@@ -24,7 +24,7 @@ from tx_jax.objectives.mae import MAEObjective
 from tx_jax.objectives.masked_lm import MaskedLM
 from tx_jax.objectives.span_corruption import SpanCorruption
 from tx_jax.train import optim, step as step_lib
-from tx_jax.train.setup import init_state, state_shapes
+from tx_jax.train.state import init_state, state_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]

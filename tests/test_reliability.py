@@ -29,7 +29,7 @@ from tx_jax.errors import UserError
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import loop, optim, preemption, step as step_lib
-from tx_jax.train.setup import load_trained
+from tx_jax.train.trained import load_trained
 from tx_jax.train.state import TrainState
 
 from test_checkpoints import flip_byte, largest_file
@@ -368,16 +368,21 @@ def test_nan_under_skip_is_counted_and_n_in_a_row_stop_the_run(tmp_path, monkeyp
 # --- Signals -----------------------------------------------------------------------------------
 
 def test_first_sigint_is_recorded_and_a_second_interrupts():
-  previous = signal.getsignal(signal.SIGINT)
-  with preemption.StopRequest() as stop:
-    assert not stop.agreed()
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)  # the handler runs between bytecodes
-    assert stop.agreed() and stop.signal_name == "SIGINT"
-    with pytest.raises(KeyboardInterrupt):  # the previous handler is back
+  # A background job of a non-interactive shell starts with SIGINT ignored; the
+  # test relies on Python's default handler being the one StopRequest restores.
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with preemption.StopRequest() as stop:
+      assert not stop.agreed()
       os.kill(os.getpid(), signal.SIGINT)
-      time.sleep(0.05)
-  assert signal.getsignal(signal.SIGINT) is previous
+      time.sleep(0.05)  # the handler runs between bytecodes
+      assert stop.agreed() and stop.signal_name == "SIGINT"
+      with pytest.raises(KeyboardInterrupt):  # the previous handler is back
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, inherited)
 
 
 # --- Multi-host: every process stops after the same step -------------------------------------
@@ -463,7 +468,7 @@ def test_data_policy_counts_reach_the_experiment(tmp_path):
   data.write_bytes(b"\n".join([b"abc " * 40, b"bad \xff byte " * 10] + [b"plain text line"] * 6))
   config = inprocess_config(**{"data.source": f"file:{data}", "data.eval_source": "",
                                "data.max_doc_len": "50", "data.invalid_utf8": "replace"})
-  from tx_jax.train.setup import build_experiment
+  from tx_jax.train.experiment import build_experiment
   exp = build_experiment(config, str(tmp_path / "wd"), create_tokenizer=True)
   assert exp.data_stats["train"]["over_length_chunked"] == 2
   assert exp.data_stats["train"]["invalid_utf8_replaced"] == 1

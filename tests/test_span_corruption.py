@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from tx_jax import cli
-from tx_jax.data import denoising, pairs, sources, tokenizers
+from tx_jax.data import pairs, sources, tokenizers
+from tx_jax.data import span_corruption as span_data
 from tx_jax.data.masking import (corrupt_spans, noise_counts, random_spans_noise_mask,
                                  span_corruption_lengths)
 from tx_jax.errors import UserError
 from tx_jax.objectives.span_corruption import exact_matches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOK = tokenizers.ByteTokenizer(denoising.t5_specials(20))  # <pad> 256, </s> 257, sentinels 258..
+TOK = tokenizers.ByteTokenizer(span_data.t5_specials(20))  # <pad> 256, </s> 257, sentinels 258..
 PAD, EOS = 256, 257
 SENTINELS = np.arange(258, 278, dtype=np.int32)
 
@@ -140,8 +141,8 @@ def _examples(batches, start_id):
 
 def test_span_eval_batches_reconstruct_the_documents():
   docs = _docs()
-  settings = denoising.SpanSettings.from_tokenizer(TOK)
-  batches = list(denoising.span_eval_batches(sources.ListSource(docs), TOK, 32, 4, settings))
+  settings = span_data.SpanSettings.from_tokenizer(TOK)
+  batches = list(span_data.span_eval_batches(sources.ListSource(docs), TOK, 32, 4, settings))
   raw_len, targets_len = span_corruption_lengths(32)
   assert batches[0]["targets"].shape == (4, targets_len)
   got = collections.Counter(tuple(_reconstruct(inputs, targets, set(SENTINELS.tolist()), EOS))
@@ -158,8 +159,8 @@ def test_span_eval_batches_reconstruct_the_documents():
 
 def test_span_train_iterator_is_deterministic_and_resumes():
   src = sources.ListSource(_docs(20, seed=1))
-  settings = denoising.SpanSettings.from_tokenizer(TOK)
-  make = lambda: denoising.span_train_iterator(src, TOK, 32, 2, 3, settings)
+  settings = span_data.SpanSettings.from_tokenizer(TOK)
+  make = lambda: span_data.span_train_iterator(src, TOK, 32, 2, 3, settings)
   ref = make()
   ref_batches = [next(ref) for _ in range(30)]
   for k in (0, 11, 25):
@@ -172,14 +173,14 @@ def test_span_train_iterator_is_deterministic_and_resumes():
       got = next(fresh)
       for key in got:
         np.testing.assert_array_equal(got[key], ref_batches[k + j][key])
-  other = denoising.span_train_iterator(
-      src, TOK, 32, 2, 3, denoising.SpanSettings.from_tokenizer(TOK, noise_density=0.3))
+  other = span_data.span_train_iterator(
+      src, TOK, 32, 2, 3, span_data.SpanSettings.from_tokenizer(TOK, noise_density=0.3))
   with pytest.raises(UserError, match="noise_density"):
     other.set_state(make().get_state())
   with pytest.raises(UserError, match="sentinels"):
-    denoising.span_train_iterator(src, tokenizers.ByteTokenizer(denoising.t5_specials(2)), 128,
-                                  2, 0, denoising.SpanSettings.from_tokenizer(
-                                      tokenizers.ByteTokenizer(denoising.t5_specials(2))))
+    span_data.span_train_iterator(src, tokenizers.ByteTokenizer(span_data.t5_specials(2)), 128,
+                                  2, 0, span_data.SpanSettings.from_tokenizer(
+                                      tokenizers.ByteTokenizer(span_data.t5_specials(2))))
 
 
 def test_exact_match_counts_examples_in_packed_rows():
@@ -209,8 +210,8 @@ def test_pair_files_and_bad_input(tmp_path):
                 '{"input": "a long input sentence", "target": "x"}\n')
   src = pairs.open_pair_source(f"file:{jl}")
   assert len(src) == 2 and src[0] == {"input": "hello", "target": "bonjour"}
-  settings = denoising.SpanSettings.from_tokenizer(TOK)
-  (batch,) = list(denoising.pair_eval_batches(src, TOK, 8, 6, 2, settings))
+  settings = span_data.SpanSettings.from_tokenizer(TOK)
+  (batch,) = list(span_data.pair_eval_batches(src, TOK, 8, 6, 2, settings))
   examples = _examples([batch], PAD)
   assert examples[0][0].tolist() == list(b"hello") + [EOS]
   assert examples[0][1].tolist() == list(b"bonjo") + [EOS]          # truncated to 6 with EOS

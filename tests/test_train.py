@@ -18,7 +18,7 @@ import pytest
 from tx_jax.models import TransformerConfig
 from tx_jax.objectives.causal_lm import CausalLM
 from tx_jax.train import optim, step as step_lib
-from tx_jax.train.setup import init_state
+from tx_jax.train.state import init_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=32",

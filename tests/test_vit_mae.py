@@ -324,7 +324,7 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
             "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.rules=fsdp"]
   first = run_cli(common, env_extra=env)
   assert first.returncode == 0, first.stderr[-3000:]
-  from tx_jax.train.setup import load_trained
+  from tx_jax.train.trained import load_trained
   straight = jax.device_get(load_trained(str(wd)).params)
   lines = [json.loads(l) for l in open(wd / "metrics.jsonl")]
   train_lines = [l for l in lines if "train/loss" in l]

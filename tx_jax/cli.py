@@ -2,6 +2,8 @@
 
 User mistakes (UserError, bad flags) exit with status 2 and one line on
 stderr; nothing in an existing workdir is touched before the inputs check out.
+A failed read or write of the command's own files (disk full, read-only or
+failing filesystem: IOFailure or OSError) exits with status 3 and one line.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ class _Parser(argparse.ArgumentParser):
   """argparse that reports errors in one line and exits 2."""
 
   def error(self, message):
-    sys.stderr.write(f"tx-jax: error: {message} (see tx-jax {self.prog.split()[-1]} --help)\n")
+    command = " ".join(self.prog.split()[1:2])
+    help_hint = f"tx-jax {command} --help" if command else "tx-jax --help"
+    sys.stderr.write(f"tx-jax: error: {_one_line(message)} (see {help_hint})\n")
     sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+  """text with every line break (CR, LF, U+2028, ... as str.splitlines sees them) a space."""
+  return " ".join(str(text).splitlines())
 
 
 TOPICS_EPILOG = """steps, each kept in OUT:
@@ -59,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("generate", help="sample text from a trained decoder (or decode a "
                                        "trained encoder-decoder's target)")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--prompt", required=True)
+  p.add_argument("--prompt", help="text to continue (decoders) or to decode from "
+                 "(encoder-decoders)")
   p.add_argument("--max-new-tokens", type=int, default=None,
                  help="default: fill the model's context")
   p.add_argument("--temperature", type=float, default=0.8)
@@ -97,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOPICS_EPILOG)
   p.add_argument("--data", required=True, help="data spec, e.g. file:posts.csv")
   p.add_argument("--out", required=True, help="output directory (every step's output stays)")
-  p.add_argument("--objective", choices=sorted(TOPICS_CONFIGS), default=TOPICS_OBJECTIVE,
-                 help=f"pretraining objective (default {TOPICS_OBJECTIVE})")
+  p.add_argument("--objective", default="contrastive",
+                 help="pretraining objective: contrastive (default), causal_lm or masked_lm")
   p.add_argument("--config", help="base config file (default: the objective's configs/*.py)")
-  p.add_argument("--steps", type=int, default=TOPICS_STEPS, help="pretraining steps")
-  p.add_argument("--vocab-size", type=int, default=TOPICS_VOCAB,
-                 help="SentencePiece pieces (0: raw bytes)")
+  p.add_argument("--steps", type=int, default=600, help="pretraining steps (default 600)")
+  p.add_argument("--vocab-size", type=int, default=2000,
+                 help="SentencePiece pieces (0: raw bytes; default 2000)")
   _add_embed_flags(p)
   _add_analyze_flags(p)
   return parser
@@ -160,65 +170,30 @@ def cmd_train(args, overrides):
 
 
 def cmd_eval(args, _):
-  import jax
-  from tx_jax import parallel
-  from tx_jax.train import loop, setup
-  trained = setup.load_trained(args.workdir)
-  config = trained.config
-  if args.data:
-    config.data.eval_source = args.data
-  exp = setup.build_experiment(config, args.workdir, create_tokenizer=False)
-  mesh = parallel.make_mesh(type("M", (), {"data": 1, "fsdp": 1, "tensor": 1})(),
-                            devices=jax.devices()[:1])
-  from tx_jax.train.step import make_eval_step
-  sharding = parallel.batch_sharding(mesh, parallel.resolve_rules(config.mesh.rules))
-  metrics = loop.evaluate(jax.jit(make_eval_step(exp.objective)), trained.params,
-                          exp.eval_batches(), sharding, exp.objective.summarize)
-  probes = getattr(exp.extra_eval, "probes", None)  # frozen-encoder probes (MAE)
-  if probes is not None:
-    metrics.update(probes(trained.params))
-  print(json.dumps({"step": trained.step, **{f"eval/{k}": v for k, v in metrics.items()}}))
+  from tx_jax.train.evaluate import evaluate_workdir
+  print(json.dumps(evaluate_workdir(args.workdir, args.data)))
 
 
 def cmd_generate(args, _):
   from tx_jax.errors import UserError
-  from tx_jax.generate import generate_text
-  from tx_jax.train import setup
+  from tx_jax.train.trained import load_trained
   if (args.max_new_tokens is not None and args.max_new_tokens <= 0) or args.num_samples <= 0:
     raise UserError("--max-new-tokens and --num-samples must be positive")
   if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
     raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
   try:
-    args.prompt.encode("utf-8")
+    if args.prompt is not None:
+      args.prompt.encode("utf-8")
   except UnicodeEncodeError:
     raise UserError("--prompt is not valid UTF-8; pass UTF-8 text") from None
-  trained = setup.load_trained(args.workdir)
-  from tx_jax.models import DecoderLM, EncoderDecoder
-  if isinstance(trained.objective.model, EncoderDecoder):
-    from tx_jax.generate import generate_seq2seq
-    print(generate_seq2seq(trained, args.prompt, max_new_tokens=args.max_new_tokens,
-                           beam_size=args.beam_size, alpha=args.length_penalty))
-    return
-  if not isinstance(trained.objective.model, DecoderLM):
-    raise UserError(f"{args.workdir!r} holds a {trained.config.objective} model, which does not "
-                    "generate text; use a causal_lm or encoder-decoder workdir")
-  if args.beam_size != 1:
-    raise UserError("--beam-size is for encoder-decoder workdirs; decoders sample")
-  for text in generate_text(trained, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, num_samples=args.num_samples):
-    print(args.prompt + text)
-    print("-" * 40)
+  trained = load_trained(args.workdir)
+  for line in trained.objective.generate(trained, vars(args)):
+    print(line)
 
 
 def cmd_tokenizer(args, _):
-  from tx_jax.data import sources, tokenizers
-  source = sources.open_source(args.data)
-  texts = (source[i]["text"] for i in range(len(source)))
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  tok = tokenizers.train_sentencepiece(texts, args.vocab_size, args.out)
-  print(json.dumps({"model": args.out + ".model", "vocab_size": tok.vocab_size,
-                    "documents": len(source)}))
+  from tx_jax.data import tokenizers
+  print(json.dumps(tokenizers.train_on_spec(args.data, args.vocab_size, args.out)))
 
 
 def cmd_benchmark(args, overrides):
@@ -235,149 +210,20 @@ def cmd_embed(args, _):
   print(json.dumps(summary))
 
 
-def _analyze(args, embeddings, out):
-  from tx_jax.analysis.report import analyze
-  report = analyze(embeddings, out, method=args.method, k=args.k, k_min=args.k_min,
-                   k_max=args.k_max, reduce=args.reduce, seed=args.seed, eps=args.eps,
-                   min_samples=args.min_samples, max_examples=args.examples,
-                   normalize=None if args.normalize == "none" else args.normalize)
-  return {"out": out, "method": report["method"], "k": report["k"], "n": report["n"],
-          "metrics": report["metrics"]}
-
-
 def cmd_analyze(args, _):
-  print(json.dumps(_analyze(args, args.embeddings, args.out)))
-
-
-# `tx-jax topics`: the base config of each pretraining objective, shrunk to a
-# small model trained on the user's posts (2 layers, d 128: minutes on 2 CPU
-# cores); the context and batch suit each objective (contrastive: 64-token
-# spans, 64 pairs per batch, so that each pair has 63 negatives).
-TOPICS_CONFIGS = {"contrastive": "contrastive.py", "causal_lm": "gpt.py",
-                  "masked_lm": "bert.py"}
-TOPICS_OBJECTIVE = "contrastive"
-TOPICS_STEPS = 600
-TOPICS_VOCAB = 2000
-TOPICS_MODEL = dict(num_layers=2, d_model=128, num_heads=2, mlp_dim=512)
-TOPICS_CONTEXT = {"contrastive": (64, 64), "causal_lm": (128, 16), "masked_lm": (128, 32)}
-TOPICS_TRAIN = dict(log_every=50, checkpoint_every=200, eval_every=200)
-
-
-def _topics_config(args, spm_path, num_docs):
-  """The base config for args.objective, shrunk to the topics model, on args.data."""
-  from tx_jax.errors import UserError
-  from tx_jax.objectives import OBJECTIVES
-  from tx_jax.train import config as config_lib
-  if args.objective not in OBJECTIVES:
-    raise UserError(f"objective {args.objective!r} is not in this tx_jax build; use "
-                    f"--objective {TOPICS_OBJECTIVE}")
-  path = args.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))), "configs", TOPICS_CONFIGS[args.objective])
-  config = config_lib.load_config_file(path)
-  specials = len(config.data.get("specials", ()))
-  if spm_path:
-    from tx_jax.data.tokenizers import SentencePieceTokenizer
-    vocab = SentencePieceTokenizer(spm_path).vocab_size + specials
-    tokenizer = f"spm:{spm_path}"
-  else:
-    vocab, tokenizer = 256 + specials, "byte"
-  context, batch_size = TOPICS_CONTEXT[args.objective]
-  # A batch of distinct documents: at most the power of two that the 95% kept
-  # for training holds (the loop holds out 5% for eval).
-  train_docs = num_docs - max(1, round(num_docs * 0.05))
-  batch_size = max(2, min(batch_size, 1 << (max(train_docs, 2).bit_length() - 1)))
-  overrides = [f"model.{k}={v}" for k, v in TOPICS_MODEL.items()]
-  overrides += [f"train.{k}={v}" for k, v in TOPICS_TRAIN.items()]
-  overrides += [f"model.max_len={context}", f"data.seq_len={context}",
-                f"train.batch_size={batch_size}", f"model.vocab_size={vocab}",
-                f"data.source={args.data}", "data.eval_source=", f"data.tokenizer={tokenizer}",
-                f"train.steps={args.steps}", "optim.warmup_steps=" + str(min(100, args.steps // 5))]
-  return config_lib.apply_overrides(config, overrides)
+  from tx_jax.topics import analyze_summary
+  print(json.dumps(analyze_summary(args, args.embeddings, args.out)))
 
 
 def cmd_topics(args, _):
-  """tokenizer -> model -> embeddings.npz -> report/ in args.out.
+  from tx_jax.topics import run_topics
+  run_topics(args)
 
-  A step runs when its output is missing, when its settings differ from those
-  recorded in OUT/topics.json, or when an earlier step ran; otherwise it is
-  skipped.
-  """
-  import shutil
-  from tx_jax.data import sources, tokenizers
-  from tx_jax.errors import UserError
-  if args.steps < 1 or args.vocab_size < 0:
-    raise UserError("--steps must be >= 1 and --vocab-size >= 0 (0: byte tokens)")
-  source = sources.open_source(args.data)  # Bad data fails before anything is written.
-  out = os.path.abspath(args.out)
-  a = vars(args)
-  wanted = {
-      "tokenizer": {k: a[k] for k in ("data", "vocab_size")},
-      "model": {k: a[k] for k in ("data", "vocab_size", "objective", "config", "steps")},
-      "embeddings": {k: a[k] for k in ("layer", "pooling", "seq_len", "sample")},
-      "report": {k: a[k] for k in ("method", "k", "k_min", "k_max", "reduce", "normalize",
-                                   "eps", "min_samples", "examples", "seed")},
-  }
-  record_path = os.path.join(out, "topics.json")
-  recorded = {}
-  if os.path.isfile(record_path):
-    with open(record_path) as f:
-      recorded = json.load(f)
-  os.makedirs(out, exist_ok=True)
-  redo = False
 
-  def should_run(name, output_done):
-    nonlocal redo
-    run = redo or not output_done or recorded.get(name) != wanted[name]
-    why = ("an earlier step ran" if redo else "no output yet" if not output_done else
-           "settings changed" if run else "done, skipped")
-    print(f"topics: {name}: {'running (' + why + ')' if run else why}", flush=True)
-    redo = redo or run
-    return run
-
-  def done(name):
-    recorded[name] = wanted[name]
-    tmp = record_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(recorded, f, indent=2)
-    os.replace(tmp, record_path)
-
-  spm_prefix = os.path.join(out, "tokenizer", "spm")
-  spm_path = spm_prefix + ".model" if args.vocab_size else None
-  if should_run("tokenizer", not spm_path or os.path.isfile(spm_path)):
-    if spm_path:
-      tokenizers.train_sentencepiece((source[i]["text"] for i in range(len(source))),
-                                     args.vocab_size, spm_prefix)
-    done("tokenizer")
-
-  workdir = os.path.join(out, "model")
-  config = _topics_config(args, spm_path, len(source))
-  from tx_jax.train import checkpoint as ckpt_lib
-  trained_steps = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    trained_steps = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                          async_save=False).latest_step()
-  # A run cut short resumes; anything else that must run starts from scratch.
-  resumable = recorded.get("model") == wanted["model"] and not redo and trained_steps
-  if should_run("model", trained_steps == args.steps):
-    if not resumable and os.path.isdir(workdir):
-      shutil.rmtree(workdir)
-    done("model")  # Recorded first, so that an interrupted run resumes.
-    from tx_jax.train.loop import train
-    train(config, workdir)
-
-  npz = os.path.join(out, "embeddings.npz")
-  if should_run("embeddings", os.path.isfile(npz)):
-    from tx_jax.analysis.embed import embed_workdir
-    print(json.dumps(embed_workdir(workdir, args.data, npz, layer=args.layer,
-                                   pooling=args.pooling, batch_size=args.batch_size,
-                                   seq_len=args.seq_len, sample=args.sample)), flush=True)
-    done("embeddings")
-
-  report_dir = os.path.join(out, "report")
-  if should_run("report", os.path.isfile(os.path.join(report_dir, "report.html"))):
-    print(json.dumps(_analyze(args, npz, report_dir)), flush=True)
-    done("report")
-  print(f"topics: open {os.path.join(report_dir, 'report.html')}", flush=True)
+def _fail(error, status: int) -> int:
+  message = _one_line(error)  # always one line, whatever the input held
+  sys.stderr.write(f"tx-jax: error: {message}\n")
+  return status
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
@@ -390,13 +236,18 @@ def main(argv=None) -> int:
   args, overrides = parser.parse_known_args(argv)
   if overrides and args.command not in ("train", "benchmark"):
     parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-  from tx_jax.errors import UserError
+  from tx_jax import errors
   try:
     COMMANDS[args.command](args, overrides)
-  except UserError as e:
-    message = " ".join(str(e).split("\n"))  # always one line
-    sys.stderr.write(f"tx-jax: error: {message}\n")
-    return 2
+  except errors.UserError as e:
+    return _fail(e, errors.USER_ERROR_STATUS)
+  except errors.IOFailure as e:
+    return _fail(e, errors.IO_FAILURE_STATUS)
+  except OSError as e:  # a read or write the command did not name: still the machine's
+    if os.environ.get("TX_JAX_TRACEBACK"):
+      raise
+    return _fail(errors.describe_io_error(e, f"{args.command}: file operation on",
+                                          e.filename or "?"), errors.IO_FAILURE_STATUS)
   except KeyboardInterrupt:
     sys.stderr.write("tx-jax: interrupted\n")
     return 130

@@ -1,35 +1,30 @@
 """Embeddings from any trained model: one vector per document, streamed to an .npz.
 
-The trained model is run by its own objective's model (`objective.model.apply`),
-so there is no second implementation: models return `(logits, out)` and the
-representation is `out[layer]` (B, T, D), e.g. "embedded", "block_00", ...,
-"pre_logits" (decoders, encoders; the default), or for an encoder-decoder,
-whose encoder runs alone, "encoder/block_00", ..., "encoded" (its default),
-pooled over the document's real (non-padding) tokens:
-
-  mean   average over the real tokens
-  cls    the first token (the tokenizer's `<cls>` when it has one: BERT-style
-         tokenizers get `<cls> ... <sep>` around every document, as in training)
-  last   the last real token (the natural summary of a causal decoder)
-
-Documents are tokenized one batch at a time and written into a preallocated
-[N, D] float32 array, so memory does not grow with the data (no token ids are
-held beyond the current batch). Every batch has batch_size rows (the last one
-is padded) and a length from a few power-of-two buckets, so the model compiles
-a handful of times at most; batches are sharded over all local devices on the
-batch axis. Documents longer than the context are truncated to its first
-tokens and counted.
-
-Objectives whose inputs are not text (e.g. a masked autoencoder on images)
-plug in by defining three methods, and are then embedded by the same loop:
+The model is run by its own objective, through four hooks of the objective
+contract (`tx_jax.objectives.base.Objective`), so there is no second
+implementation of any model:
 
   open_embed_source(spec) -> source: `len(source)`, `source[i]` -> a record dict
       (optional keys: "label", "id", "text"), and optional `label_names`.
-  embed_collate(records) -> dict of numpy arrays with leading axis len(records)
-      (preprocessing, e.g. resize/normalise images).
-  embed_batch(params, batch, layer, pooling) -> (B, D) array; traced under jit,
-      so it must be pure JAX. It should raise ValueError naming the valid
-      layers/poolings for ones it does not know.
+  embed_setup(config, layer, pooling, seq_len) -> (layer, pooling as applied,
+      seq_len): checks the options before anything runs.
+  embed_collate(records) -> a batch of numpy arrays with leading axis
+      len(records), or (batch, documents truncated).
+  embed_batch(params, batch, layer, pooling) -> (B, D); traced under jit. It
+      raises ValueError naming the valid layers/poolings for ones it does not know.
+
+Text models pool a named intermediate out[layer] (B, T, D) ("embedded",
+"block_00", ..., "pre_logits"; for an encoder-decoder, whose encoder runs
+alone, "encoder/block_00", ..., "encoded") over the real tokens: mean, cls
+(the first token: BERT-style tokenizers get `<cls> ... <sep>` around every
+document, as in training) or last (the natural summary of a causal decoder).
+
+Documents are collated one batch at a time and written into a preallocated
+[N, D] float32 array, so memory does not grow with the data. Every batch has
+batch_size rows (the last one is padded) and, for text, a length from a few
+power-of-two buckets, so the model compiles a handful of times at most;
+batches are sharded over all local devices on the batch axis. Documents
+longer than the context are truncated to their first tokens and counted.
 """
 
 from __future__ import annotations
@@ -38,132 +33,16 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tx_jax import parallel
 from tx_jax.errors import UserError
+from tx_jax.train.trained import load_trained
 
-POOLINGS = ("mean", "cls", "last")
 MAX_TEXT_CHARS = 2000  # Texts kept in the .npz per document (fixed-width unicode).
-MIN_BUCKET = 16  # Shortest padded length of a batch of text.
-
-
-# --------------------------------------------------------------------- pooling
-
-
-def pool(hidden, segment_ids, pooling: str):
-  """Pools hidden (B, T, D) over real tokens (segment_ids > 0) -> (B, D) float32.
-
-  Rows without any real token (padding rows) pool to zeros.
-  """
-  hidden = hidden.astype(jnp.float32)
-  real = segment_ids > 0                                                   # (B, T)
-  count = jnp.sum(real, axis=1)                                            # (B,)
-  if pooling == "mean":
-    # where, not multiply: a non-finite value at a padded position must not leak.
-    summed = jnp.sum(jnp.where(real[..., None], hidden, 0.0), axis=1)     # (B, D)
-    return summed / jnp.maximum(count, 1)[:, None].astype(jnp.float32)
-  if pooling == "cls":
-    return jnp.where(count[:, None] > 0, hidden[:, 0], 0.0)
-  if pooling == "last":
-    # Real tokens are left-aligned, so the last one is at count - 1.
-    last = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-    return jnp.where(count[:, None] > 0, last, 0.0)
-  raise UserError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
-
-
-# ------------------------------------------------------------------ text inputs
-
-
-@dataclasses.dataclass
-class TextInputs:
-  """Turns records {"text": ...} into fixed-shape token batches for a text model."""
-  tokenizer: Any
-  seq_len: int
-
-  def __post_init__(self):
-    ids = getattr(self.tokenizer, "special_ids", {})
-    # Mirror BERT-style training rows: <cls> piece <sep>.
-    self.prefix = [ids["<cls>"]] if "<cls>" in ids else []
-    self.suffix = [ids["<sep>"]] if "<sep>" in ids else []
-    room = self.seq_len - len(self.prefix) - len(self.suffix)
-    if room < 1:
-      raise UserError(f"seq_len={self.seq_len} leaves no room for text; use a larger --seq-len")
-    self.room = room
-
-  def collate(self, records) -> tuple[dict[str, np.ndarray], int]:
-    """-> ({"tokens", "segment_ids": int32 [len(records), T]}, documents truncated).
-
-    T is the smallest bucket (16, 32, 64, ..., capped at seq_len) that holds the
-    batch's longest row: short posts do not pay for the whole context, and the
-    model compiles once per bucket (at most log2(seq_len) - 3 shapes).
-    """
-    rows, truncated = [], 0
-    for record in records:
-      ids = self.tokenizer.encode(record["text"])
-      if len(ids) > self.room:
-        truncated += 1
-        ids = ids[:self.room]
-      rows.append(self.prefix + list(ids) + self.suffix)
-    longest = max((len(r) for r in rows), default=1)
-    width = min(self.seq_len, max(MIN_BUCKET, 1 << (longest - 1).bit_length()))
-    tokens = np.zeros((len(rows), width), np.int32)
-    segment_ids = np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-      tokens[i, :len(row)] = row
-      segment_ids[i, :len(row)] = 1
-    return {"tokens": tokens, "segment_ids": segment_ids}, truncated
-
-
-def text_forward(model) -> Callable:
-  """(params, tokens, segment_ids) -> the named intermediates of a text model.
-
-  Decoders and encoders take the tokens alone; an encoder-decoder runs only
-  its encoder (no decoder inputs), so its intermediates are the encoder's.
-  """
-  from tx_jax.models import EncoderDecoder
-  if isinstance(model, EncoderDecoder):
-    def forward(params, tokens, segment_ids):
-      return model.apply({"params": params}, tokens, None, inputs_segment_ids=segment_ids,
-                         deterministic=True)[1]
-  else:
-    def forward(params, tokens, segment_ids):
-      return model.apply({"params": params}, tokens, segment_ids=segment_ids,
-                         deterministic=True)[1]
-  return forward
-
-
-def text_embed_fn(model, layer: str, pooling: str) -> Callable:
-  """(params, batch) -> (B, D): `model`'s out[layer] pooled over real tokens."""
-  forward = text_forward(model)
-
-  def fn(params, batch):
-    out = forward(params, batch["tokens"], batch["segment_ids"])
-    return pool(out[layer], batch["segment_ids"], pooling)
-  return fn
-
-
-def model_layers(model, seq_len: int) -> list[str]:
-  """Names of the (B, T, D) intermediates a text model returns (no compute)."""
-  from tx_jax.models import EncoderDecoder
-  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  forward = text_forward(model)
-
-  def shapes(t):
-    # An encoder-decoder's parameters need decoder inputs to exist.
-    args = (t, t) if isinstance(model, EncoderDecoder) else (t,)
-    return forward(model.init(jax.random.key(0), *args)["params"], t, jnp.ones_like(t))
-  out = jax.eval_shape(shapes, tokens)
-  return [k for k, v in out.items() if getattr(v, "ndim", 0) == 3]
-
-
-def default_layer(layers: list[str]) -> str:
-  """The final hidden states: pre_logits, or an encoder-decoder's encoder output."""
-  return "pre_logits" if "pre_logits" in layers else "encoded"
 
 
 # ------------------------------------------------------------------- the loop
@@ -253,37 +132,29 @@ def embed_records(params, source, collate, embed_fn, *, batch_size: int = 64,
   return Embedded(out, indices, truncated, time.perf_counter() - t0)
 
 
-def embed_texts(trained, source, *, layer: str | None = None, pooling: str = "mean",
-                batch_size: int = 64, seq_len: int | None = None, indices=None, mesh=None,
-                progress: bool = True, callback=None) -> Embedded:
-  """Embeds a text source with a trained text model (any objective whose
-  `.model` returns (logits, out)); see the module docstring for layer/pooling
-  (layer None: the model's final hidden states)."""
-  model = trained.objective.model
-  max_len = trained.config.model.max_len
-  seq_len = int(seq_len or trained.config.data.get("seq_len", max_len))
-  if not 1 <= seq_len <= max_len:
-    raise UserError(f"--seq-len {seq_len} must be in 1..{max_len} (the model's max_len)")
-  if pooling not in POOLINGS:
-    raise UserError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
-  layers = model_layers(model, seq_len)
-  layer = layer or default_layer(layers)
-  if layer not in layers:
-    raise UserError(f"unknown layer {layer!r}; this model has {', '.join(layers)}")
-  inputs = TextInputs(trained.tokenizer, seq_len)
-  result = embed_records(trained.params, source, inputs.collate,
-                         text_embed_fn(model, layer, pooling), batch_size=batch_size,
-                         indices=indices, mesh=mesh, progress=progress, callback=callback)
+def embed_source(trained, source, *, layer: str | None = None, pooling: str = "mean",
+                 batch_size: int = 64, seq_len: int | None = None, indices=None, mesh=None,
+                 progress: bool = True, callback=None) -> Embedded:
+  """Embeds `source` with a loaded model through its objective's embedding hooks;
+  layer None: the objective's default (a text model's final hidden states)."""
+  layer, _, seq_len = trained.objective.embed_setup(trained.config, layer, pooling, seq_len)
+  result = embed_with_objective(trained, source, layer=layer, pooling=pooling,
+                                batch_size=batch_size, indices=indices, mesh=mesh,
+                                progress=progress, callback=callback)
   return dataclasses.replace(result, layer=layer)
 
 
 def embed_with_objective(trained, source, *, layer: str, pooling: str, batch_size: int = 64,
                          indices=None, mesh=None, progress=True, callback=None) -> Embedded:
-  """Embeds through the objective's own hook (see module docstring), e.g. images."""
+  """Embeds through the objective's hooks (see the module docstring).
+
+  `embed_collate` returns a batch, or (batch, documents truncated) for text.
+  """
   objective = trained.objective
 
   def collate(records):
-    return objective.embed_collate(records), 0
+    batch = objective.embed_collate(records)
+    return batch if isinstance(batch, tuple) else (batch, 0)
 
   def fn(params, batch):
     return objective.embed_batch(params, batch, layer, pooling)
@@ -340,6 +211,18 @@ def write_npz(path: str, result: Embedded, source, meta: dict,
   return arrays
 
 
+def _check_out_dir(out_path: str):
+  """UserError now, before the model loads, if out_path's directory cannot be made."""
+  parent = os.path.dirname(os.path.abspath(out_path))
+  while not os.path.isdir(parent):
+    if os.path.lexists(parent):
+      raise UserError(f"--out {out_path!r}: {parent!r} is not a directory; pick another path")
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"--out {out_path!r}: cannot create files under {parent!r} (not "
+                    "writable); pick another path")
+
+
 def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None = None,
                   pooling: str = "mean", batch_size: int = 64, seq_len: int | None = None,
                   sample: int | None = None, seed: int = 0, progress: bool = True,
@@ -350,32 +233,20 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None =
   """
   if not out_path.endswith(".npz"):
     raise UserError(f"--out {out_path!r} must end in .npz")
-  from tx_jax.train import setup  # Checkpoint + config code, not the training loop.
+  _check_out_dir(out_path)
   mesh = embed_mesh()
-  trained = setup.load_trained(workdir, mesh=mesh)
+  trained = load_trained(workdir, mesh=mesh)
   objective = trained.objective
-  hooked = hasattr(objective, "embed_batch")
-  if hooked:
-    source = objective.open_embed_source(spec)
-  else:
-    from tx_jax.data import sources
-    source = sources.open_source(spec)
+  source = objective.open_embed_source(spec)
   if len(source) == 0:
     raise UserError(f"data {spec!r} has no documents; give a non-empty dataset")
   indices = sample_indices(len(source), sample, seed)
-  kw = dict(layer=layer, pooling=pooling, batch_size=batch_size, indices=indices, mesh=mesh,
-            progress=progress, callback=callback)
-  if hooked:
-    kw["layer"] = layer or "pre_logits"
-    result = embed_with_objective(trained, source, **kw)
-  else:
-    result = embed_texts(trained, source, seq_len=seq_len, **kw)
-  layer = result.layer or kw["layer"]
-  if hasattr(objective, "applied_pooling"):
-    pooling = objective.applied_pooling(layer, pooling)
-  seq = None if hooked else int(seq_len or trained.config.data.get("seq_len"))
+  layer, applied, seq = objective.embed_setup(trained.config, layer, pooling, seq_len)
+  result = embed_with_objective(trained, source, layer=layer, pooling=pooling,
+                                batch_size=batch_size, indices=indices, mesh=mesh,
+                                progress=progress, callback=callback)
   meta = {"workdir": os.path.abspath(workdir), "step": int(trained.step), "data": spec,
-          "objective": trained.config.objective, "layer": layer, "pooling": pooling,
+          "objective": trained.config.objective, "layer": layer, "pooling": applied,
           "seq_len": seq, "truncated": int(result.truncated)}
   write_npz(out_path, result, source, meta)
   n, dim = result.embeddings.shape

@@ -24,13 +24,14 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+
 
 import grain
 import numpy as np
 
 from tx_jax.data import corpora
-from tx_jax.data import sources as text_sources
+from tx_jax.data import tfds as tfds_lib
+from tx_jax.data.source import Source, SubsetSource, holdout_split
 from tx_jax.data.pipeline import SettingsIterator
 from tx_jax.errors import UserError
 
@@ -39,21 +40,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
                     ".ppm", ".pgm")
 
 
-class ImageSource:
-  """Random-access images; grain reads it through `__len__`/`__getitem__`."""
-
-  name: str = "images"
-  has_labels: bool = False
-  label_names: list[str] | None = None
-
-  def __len__(self) -> int:
-    raise NotImplementedError
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    raise NotImplementedError
-
-  def __repr__(self):
-    return f"{type(self).__name__}({self.name!r}, {len(self)} images)"
+class ImageSource(Source):
+  """Random-access images: `src[i] -> {"image": (H, W, C) array, "id"}` (+ "label")."""
+  name = "images"
+  unit = "images"
 
 
 class ArraySource(ImageSource):
@@ -72,25 +62,6 @@ class ArraySource(ImageSource):
     if self.labels is not None:
       record["label"] = int(self.labels[index])
     return record
-
-
-class TfdsImageSource(ImageSource):
-  """A `tfds.data_source` with records mapped to {"image", "id", "label"}."""
-
-  def __init__(self, data_source, image_key: str, label_key: str | None,
-               label_names: list[str] | None, name: str):
-    self.data_source, self.image_key, self.label_key = data_source, image_key, label_key
-    self.has_labels, self.label_names, self.name = label_key is not None, label_names, name
-
-  def __len__(self):
-    return len(self.data_source)
-
-  def __getitem__(self, index):
-    record = self.data_source[index]
-    out = {"image": np.asarray(record[self.image_key]), "id": f"{self.name}[{index}]"}
-    if self.label_key is not None:
-      out["label"] = int(np.asarray(record[self.label_key]))
-    return out
 
 
 class FolderSource(ImageSource):
@@ -155,26 +126,6 @@ def _open_folder(root: str) -> FolderSource:
   return FolderSource(root, paths, [index[t] for t in tops], names)
 
 
-def _feature_class(feature) -> str:
-  return type(feature).__name__
-
-
-def _open_tfds(spec: str) -> TfdsImageSource:
-  ds, name, split = text_sources.tfds_data_source(spec, example="tfds:cifar10:train")
-  features = ds.dataset_info.features
-  images = [k for k, f in features.items() if _feature_class(f) == "Image"]
-  if not images:
-    raise UserError(f"TFDS dataset '{name}' has no image feature (features: "
-                    f"{', '.join(features)}); it is not an image dataset")
-  image_key = "image" if "image" in images else images[0]
-  labels = [k for k, f in features.items() if _feature_class(f) == "ClassLabel"]
-  label_key = "label" if "label" in labels else (labels[0] if labels else None)
-  label_names = list(features[label_key].names) if label_key else None
-  if len(ds) == 0:
-    raise UserError(f"TFDS split '{split}' of '{name}' is empty; pick another split")
-  return TfdsImageSource(ds, image_key, label_key, label_names, spec)
-
-
 def open_image_source(spec: str) -> ImageSource:
   """Opens an image data spec (see module docstring) as a random-access ImageSource."""
   if not isinstance(spec, str) or not spec:
@@ -186,7 +137,7 @@ def open_image_source(spec: str) -> ImageSource:
     raise UserError(f"'{spec}' is not an embedded image dataset; the embedded image set is "
                     "embedded:digits")
   if spec.startswith("tfds:"):
-    return _open_tfds(spec)
+    return tfds_lib.open_images(spec)
   if spec.startswith("file:"):
     return _open_folder(spec[len("file:"):])
   raise UserError(f"unknown image data spec '{spec}'; use one of: {IMAGE_SPEC_FORMS}")
@@ -200,7 +151,7 @@ def image_subset(source: ImageSource, limit: int | None, seed: int = 0) -> Image
   """
   if limit is None or limit >= len(source):
     return source
-  return text_sources.SubsetSource(source, 0, int(limit), seed,
+  return SubsetSource(source, 0, int(limit), seed,
                                    f"{source.name}[{limit} of {len(source)}]")
 
 
@@ -209,7 +160,7 @@ def image_train_eval_sources(spec: str, eval_spec: str | None = None,
   """(train, eval) sources: `eval_spec` if given, else a seeded held-out fraction."""
   if eval_spec:
     return open_image_source(spec), open_image_source(eval_spec)
-  return text_sources.holdout_split(open_image_source(spec), eval_fraction, seed)
+  return holdout_split(open_image_source(spec), eval_fraction, seed)
 
 
 # ---------------------------------------------------------------- preprocessing

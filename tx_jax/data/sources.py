@@ -3,7 +3,8 @@
 Specs:
   embedded:python-docs[:train|:eval|:all]   CPython doc topics (default: train)
   embedded:stdlib-docstrings                stdlib docstrings, labelled by package
-  file:PATH                                 .txt, .jsonl or .csv
+  file:PATH                                 .jsonl, .csv or text (.txt, .md, .rst,
+                                            LICENSE, any other UTF-8 file), each also .gz
   tfds:NAME[/CONFIG]:SPLIT                  `tfds.data_source` (no TensorFlow)
 
 A `TextSource` has `len(src)` and `src[i] -> {"text": str}` plus `"label"` when
@@ -25,37 +26,21 @@ import re
 import sys
 from typing import Any
 
-import numpy as np
 
 from tx_jax.data import corpora
+from tx_jax.data import tfds as tfds_lib
 from tx_jax.data.doc_policy import DocPolicy, apply_policy
+from tx_jax.data.source import Source, holdout_split
 from tx_jax.errors import UserError
 
 SPEC_FORMS = (
     "embedded:python-docs[:train|:eval], embedded:stdlib-docstrings, "
-    "file:PATH.txt|.jsonl|.csv, tfds:NAME[/CONFIG]:SPLIT")
+    "file:PATH (.jsonl, .csv or text, also .gz), tfds:NAME[/CONFIG]:SPLIT")
 
 
-class TextSource:
-  """Random-access documents; grain reads it through `__len__`/`__getitem__`."""
-
-  name: str = "source"
-  has_labels: bool = False
-  label_names: list[str] | None = None
-
-  @property
-  def stats(self) -> dict[str, int]:
-    """Counts of what the DocPolicy did while reading (empty if nothing was counted)."""
-    return getattr(self, "_stats", {})
-
-  def __len__(self) -> int:
-    raise NotImplementedError
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    raise NotImplementedError
-
-  def __repr__(self):
-    return f"{type(self).__name__}({self.name!r}, {len(self)} docs)"
+class TextSource(Source):
+  """Random-access documents: `src[i] -> {"text": str}` (+ "label")."""
+  unit = "docs"
 
 
 class ListSource(TextSource):
@@ -79,38 +64,6 @@ class ListSource(TextSource):
     if self.labels is not None:
       record["label"] = self.labels[index]
     return record
-
-
-class SubsetSource(TextSource):
-  """Documents `perm(offset + i)` of `parent`, i < length, for a seeded
-  permutation `perm` of the parent's indices (grain's index_shuffle: O(1)
-  memory, and picklable for grain worker processes)."""
-
-  def __init__(self, parent: TextSource, offset: int, length: int, seed: int,
-               name: str):
-    self.parent, self.offset, self.length, self.seed = (
-        parent, offset, length, seed)
-    self.has_labels = parent.has_labels
-    self.label_names = parent.label_names
-    self.name = name
-
-  def __len__(self):
-    return self.length
-
-  def parent_index(self, index: int) -> int:
-    from grain import experimental as grain_exp  # pylint: disable=g-import-not-at-top
-    if not 0 <= index < self.length:
-      raise IndexError(index)
-    return grain_exp.index_shuffle(
-        self.offset + index, max_index=len(self.parent) - 1, seed=self.seed,
-        rounds=4)
-
-  def __getitem__(self, index):
-    return self.parent[self.parent_index(index)]
-
-  @property
-  def stats(self):
-    return self.parent.stats
 
 
 def _labelled(texts: list[str], raw_labels: list[Any] | None, name: str,
@@ -159,19 +112,74 @@ def _open_embedded(spec: str, policy: DocPolicy) -> TextSource:
 # ------------------------------------------------------------------------ files
 
 
-def _read_utf8(path: str, strict: bool = True) -> str:
-  """File contents as text; one-line UserError for missing/empty/non-UTF-8.
+# Formats that are never documents; anything else that decodes as UTF-8 is text.
+_BINARY_EXTS = frozenset({
+    ".parquet", ".arrow", ".feather", ".avro", ".orc", ".npy", ".npz", ".pkl", ".pickle",
+    ".h5", ".hdf5", ".zip", ".tar", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".pdf", ".doc",
+    ".docx", ".xls", ".xlsx", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".mp3", ".mp4",
+    ".wav", ".so", ".exe", ".bin"})
+_COMPRESSED = (".gz", ".zst")
+_READ_CHUNK = 1 << 20
 
-  strict=False keeps undecodable bytes as surrogate escapes for apply_policy.
-  """
+
+def _check_readable(path: str):
+  """One-line UserError for a missing path, a symlink loop, a directory or a non-file."""
   if not os.path.exists(path):
+    if os.path.lexists(path):
+      raise UserError(f"data file '{path}' is a broken symlink or a symlink loop; point "
+                      "file: at the real file")
     raise UserError(f"data file '{path}' does not exist; check the path in file:PATH")
   if os.path.isdir(path):
     raise UserError(
         f"data path '{path}' is a directory; point file: at a .txt, .jsonl or "
         ".csv file")
-  with open(path, "rb") as f:
-    data = f.read()
+  if not os.path.isfile(path):
+    raise UserError(f"data path '{path}' is not a regular file (a device, pipe or socket); "
+                    "point file: at a file on disk")
+
+
+def _read_bytes(path: str) -> bytes:
+  """The file's bytes; `.gz` decompressed as a stream (`.zst` when zstandard is installed)."""
+  _check_readable(path)
+  try:
+    if path.lower().endswith(".gz"):
+      import gzip  # pylint: disable=g-import-not-at-top
+      import zlib  # pylint: disable=g-import-not-at-top
+      chunks = []
+      try:
+        with gzip.open(path, "rb") as f:
+          for block in iter(lambda: f.read(_READ_CHUNK), b""):
+            chunks.append(block)
+      except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"data file '{path}' is not a complete gzip file ({e or 'truncated'}); "
+                        "re-compress it with gzip or give the uncompressed file") from None
+      return b"".join(chunks)
+    if path.lower().endswith(".zst"):
+      try:
+        import zstandard  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise UserError(f"data file '{path}' is zstd-compressed and the zstandard package is "
+                        "not installed; `pip install zstandard` or decompress it "
+                        "(`zstd -d`)") from None
+      try:
+        with open(path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as r:
+          return b"".join(iter(lambda: r.read(_READ_CHUNK), b""))
+      except zstandard.ZstdError as e:
+        raise UserError(f"data file '{path}' is not a valid zstd file ({e})") from None
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f"cannot read data file '{path}': {e.strerror or e}; check its "
+                    "permissions") from None
+
+
+def _read_utf8(path: str, strict: bool = True) -> str:
+  """File contents as text; one-line UserError for missing/empty/non-UTF-8.
+
+  strict=False keeps undecodable bytes as surrogate escapes for apply_policy.
+  A UTF-8 byte order mark is dropped; `.gz` files are decompressed.
+  """
+  data = _read_bytes(path)
   if not data.strip():
     raise UserError(f"data file '{path}' is empty; it needs at least one document")
   if not strict:
@@ -187,7 +195,7 @@ def _read_utf8(path: str, strict: bool = True) -> str:
 
 
 def _read_txt(path: str, text: str):
-  text = text.replace("\r\n", "\n").strip()
+  text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
   lines = text.split("\n")
   # A blank line between non-blank ones means paragraphs are the documents.
   if any(not line.strip() for line in lines):
@@ -272,18 +280,26 @@ def _read_csv(path: str, text: str):
   return texts, labels if label_col is not None else None
 
 
-_FILE_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
+_FILE_READERS = {".jsonl": _read_jsonl, ".csv": _read_csv}  # anything else: _read_txt
+
+
+def _file_format(path: str) -> str:
+  """The extension that picks the reader: `.jsonl` of `posts.jsonl.gz`, "" for `LICENSE`."""
+  stem, ext = os.path.splitext(path)
+  if ext.lower() in _COMPRESSED:
+    ext = os.path.splitext(stem)[1]
+  return ext.lower()
 
 
 def _open_file(path: str, policy: DocPolicy) -> TextSource:
   path = os.path.expanduser(path)
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in _FILE_READERS:
+  ext = _file_format(path)
+  if ext in _BINARY_EXTS:
     raise UserError(
-        f"unsupported data file '{path}'; use a .txt (one document per line "
-        "or blank-line separated), .jsonl or .csv file")
+        f"unsupported data file '{path}' ({ext} is not text); use a text file (.txt, .md, "
+        "... one document per line or blank-line separated), .jsonl or .csv, optionally .gz")
   text = _read_utf8(path, strict=policy.invalid_utf8 == "error")
-  texts, labels = _FILE_READERS[ext](path, text)
+  texts, labels = _FILE_READERS.get(ext, _read_txt)(path, text)
   if not texts:
     raise UserError(
         f"data file '{path}' has no non-empty documents; it needs at least one")
@@ -298,136 +314,6 @@ def _open_file(path: str, policy: DocPolicy) -> TextSource:
 
 # ------------------------------------------------------------------------- TFDS
 
-# Text and label features of the TFDS sets we know; others fall back below.
-TFDS_FIELDS = {
-    "lm1b": ("text", None),
-    "sentiment140": ("text", "polarity"),
-    "reddit": ("content", "subreddit"),
-    "reddit_tifu": ("documents", None),
-    "imdb_reviews": ("text", "label"),
-    "ag_news_subset": ("description", "label"),
-}
-_TEXT_FIELD_NAMES = ("text", "content", "document", "documents", "sentence",
-                     "description", "body")
-
-
-def _tfds_data_dir() -> str:
-  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-      "~/tensorflow_datasets")
-
-
-def _as_python(value):
-  if isinstance(value, np.ndarray) and value.ndim == 0:
-    value = value.item()
-  elif isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, bytes):
-    value = value.decode("utf-8", errors="replace")
-  return value
-
-
-class TfdsSource(TextSource):
-  """A `tfds.data_source` with records mapped to {"text", "label"}."""
-
-  def __init__(self, data_source, text_key: str, label_key: str | None,
-               label_names: list[str] | None, name: str, truncate_at: int = 0):
-    self.truncate_at = truncate_at  # characters; 0: keep whole documents
-    self.data_source = data_source
-    self.text_key, self.label_key = text_key, label_key
-    self.has_labels = label_key is not None
-    self.label_names = label_names
-    self.name = name
-
-  def __len__(self):
-    return len(self.data_source)
-
-  def __getitem__(self, index):
-    return self.map_record(self.data_source[index])
-
-  def map_record(self, record: dict[str, Any]) -> dict[str, Any]:
-    text = _as_python(record[self.text_key])
-    text = text if isinstance(text, str) else str(text)
-    out = {"text": text[:self.truncate_at] if self.truncate_at else text}
-    if self.label_key is not None:
-      out["label"] = _as_python(record[self.label_key])
-    return out
-
-
-def _feature_kinds(features) -> dict[str, str]:
-  """{feature name: 'text' | 'class' | 'media' | 'other'} of a FeaturesDict."""
-  kinds = {}
-  for key, feature in features.items():
-    cls = type(feature).__name__
-    kinds[key] = ("text" if cls == "Text" else
-                  "class" if cls == "ClassLabel" else
-                  "media" if cls in ("Image", "Video", "Audio") else "other")
-  return kinds
-
-
-def tfds_fields(name: str, features) -> tuple[str, str | None]:
-  """(text key, label key or None) for TFDS dataset `name` with `features`."""
-  base = name.split("/")[0]
-  kinds = _feature_kinds(features)
-  if base in TFDS_FIELDS and TFDS_FIELDS[base][0] in kinds:
-    text_key, label_key = TFDS_FIELDS[base]
-    return text_key, label_key if label_key in kinds else None
-  texts = [k for k, kind in kinds.items() if kind == "text" and k != "id"]
-  named = [k for k in _TEXT_FIELD_NAMES if k in texts]
-  # Image sets carry string ids/filenames; those are not documents.
-  if not named and ("media" in kinds.values() or not texts):
-    raise UserError(
-        f"TFDS dataset '{name}' has no text feature (features: "
-        f"{', '.join(kinds)}); it is not a text dataset (images go through an "
-        "image config)")
-  text_key = (named or texts)[0]
-  label_key = "label" if "label" in kinds else None
-  return text_key, label_key
-
-
-def tfds_data_source(spec: str, example: str = "tfds:imdb_reviews:train"):
-  """(`tfds.data_source` of `tfds:NAME[/CONFIG]:SPLIT`, NAME, SPLIT); UserError if unusable."""
-  rest = spec[len("tfds:"):]
-  name, sep, split = rest.partition(":")
-  if not name or not sep or not split:
-    raise UserError(
-        f"bad TFDS spec '{spec}'; use tfds:NAME[/CONFIG]:SPLIT, e.g. {example}")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  data_dir = os.environ.get("TFDS_DATA_DIR") or None
-  try:
-    # download=False: never reach for the network from a training job.
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(
-        f"unknown TFDS dataset '{name}' (or one that needs TensorFlow); see "
-        "https://www.tensorflow.org/datasets/catalog for names") from None
-  except Exception as e:  # pylint: disable=broad-except
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if isinstance(e, (ValueError, KeyError)) and re.search(
-        r"BuilderConfig|[Ss]plit", first_line):
-      # A bad /CONFIG or SPLIT of a known dataset; tfds names the valid ones.
-      raise UserError(
-          f"bad TFDS spec '{spec}': {first_line[:300]}") from None
-    raise UserError(
-        f"TFDS dataset '{name}' split '{split}' is not prepared under "
-        f"{data_dir or _tfds_data_dir()} ({type(e).__name__}); prepare it once "
-        f"with `tfds build {name} --file_format=array_record` or set "
-        "TFDS_DATA_DIR to where it is") from None
-  return ds, name, split
-
-
-def _open_tfds(spec: str, policy: DocPolicy) -> TextSource:
-  ds, name, split = tfds_data_source(spec)
-  features = ds.dataset_info.features
-  text_key, label_key = tfds_fields(name, features)
-  label_names = None
-  if label_key is not None and type(features[label_key]).__name__ == "ClassLabel":
-    label_names = list(features[label_key].names)
-  if len(ds) == 0:
-    raise UserError(f"TFDS split '{split}' of '{name}' is empty; pick another split")
-  truncate_at = policy.max_doc_len if policy.over_length == "truncate" else 0
-  return TfdsSource(ds, text_key, label_key, label_names, spec, truncate_at)
-
-
 # ------------------------------------------------------------------------- API
 
 
@@ -441,30 +327,8 @@ def open_source(spec: str, policy: DocPolicy | None = None) -> TextSource:
   if spec.startswith("file:"):
     return _open_file(spec[len("file:"):], policy)
   if spec.startswith("tfds:"):
-    return _open_tfds(spec, policy)
+    return tfds_lib.open_text(spec, policy)
   raise UserError(f"unknown data spec '{spec}'; use one of: {SPEC_FORMS}")
-
-
-def holdout_split(source: TextSource, eval_fraction: float = 0.05,
-                  seed: int = 0) -> tuple[TextSource, TextSource]:
-  """(train, eval): a deterministic random `eval_fraction` of docs held out.
-
-  Lazy: a seeded permutation of the indices (grain's index_shuffle) keeps
-  this O(1) in memory even for TFDS sets with tens of millions of documents.
-  """
-  n = len(source)
-  if not 0 < eval_fraction < 1:
-    raise UserError(f"eval fraction must be in (0, 1), got {eval_fraction}")
-  if n < 2:
-    raise UserError(
-        f"{source.name} has {n} document(s); holding some out for eval needs "
-        "at least 2 (or give a separate eval source)")
-  n_eval = min(n - 1, max(1, int(round(n * eval_fraction))))
-  # Positions [0, n_eval) of the permutation are eval, the rest train.
-  eval_src = SubsetSource(source, 0, n_eval, seed, f"{source.name}[eval]")
-  train_src = SubsetSource(source, n_eval, n - n_eval, seed,
-                           f"{source.name}[train]")
-  return train_src, eval_src
 
 
 def train_eval_sources(spec: str, eval_spec: str | None = None,

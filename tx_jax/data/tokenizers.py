@@ -1,24 +1,28 @@
-"""Tokenizers: raw UTF-8 bytes, or a SentencePiece model with byte fallback.
+"""Tokenizers: raw UTF-8 bytes, a SentencePiece model with byte fallback, or a
+Hugging Face tokenizer.json (`tx_jax.data.hf_tokenizer.HFTokenizer`).
 
-Both share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
+All share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
 get ids after the base vocabulary, in the order given, so a tokenizer with no
 specials has exactly the base vocabulary (256 for bytes). Specials are never
 produced by `encode` (text that spells "<mask>" is encoded as ordinary text);
 objectives insert them by id.
 
 A tokenizer is saved into a directory as `tokenizer.json` (+ `tokenizer.model`
-for SentencePiece) and read back with `load_tokenizer`.
+for SentencePiece, + `hf_tokenizer.json` for Hugging Face) and read back with
+`load_tokenizer`, which also reads a Hugging Face model directory's own
+tokenizer.json.
 """
 
 from collections.abc import Iterable, Sequence
 import hashlib
 import json
+import io
 import os
 import re
 
 import numpy as np
 
-from tx_jax.errors import UserError
+from tx_jax.errors import UserError, io_operation
 
 _CONFIG_FILE = "tokenizer.json"
 _SPM_FILE = "tokenizer.model"
@@ -236,6 +240,9 @@ def train_sentencepiece(
     raise UserError(
         f"unknown SentencePiece model_type '{model_type}'; use unigram, bpe, "
         "char or word")
+  if isinstance(vocab_size, bool) or not 1 <= int(vocab_size) <= 2**31 - 1:
+    raise UserError(f"vocab size {vocab_size} is out of range; give a positive --vocab-size "
+                    "(a few thousand pieces suit most corpora)")
   max_chars = 4096
   sentences = [s for s in _training_sentences(texts, max_chars) if s]
   if not sentences:
@@ -243,11 +250,13 @@ def train_sentencepiece(
         "cannot train a tokenizer on an empty corpus; point --data at a "
         "source with some text")
   out_dir = os.path.dirname(os.path.abspath(out_prefix))
-  os.makedirs(out_dir, exist_ok=True)
+  with io_operation("creating the tokenizer directory", out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+  model = io.BytesIO()  # SentencePiece's own file writer ignores a full disk
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
-        model_prefix=out_prefix,
+        model_writer=model,
         vocab_size=int(vocab_size),
         model_type=model_type,
         byte_fallback=True,
@@ -258,9 +267,28 @@ def train_sentencepiece(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:
     raise UserError(_explain_spm_error(str(e), vocab_size)) from None
+  proto = model.getvalue()
+  sp = spm.SentencePieceProcessor(model_proto=proto)
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+  _write_atomically(out_prefix + ".model", proto, "writing the SentencePiece model")
+  _write_atomically(out_prefix + ".vocab", vocab.encode("utf-8"), "writing the SentencePiece vocab")
   return SentencePieceTokenizer(out_prefix + ".model", specials)
+
+
+def _write_atomically(path: str, data: bytes, operation: str):
+  """path's bytes replaced whole (tmp file + rename); an IOFailure leaves no partial file."""
+  tmp = path + ".tmp"
+  with io_operation(operation, path):
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+      os.replace(tmp, path)
+    except OSError:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 def _explain_spm_error(message: str, vocab_size: int) -> str:
@@ -276,22 +304,40 @@ def _explain_spm_error(message: str, vocab_size: int) -> str:
   return f"SentencePiece training failed: {message.splitlines()[0]}"
 
 
+def train_on_spec(spec: str, vocab_size: int, prefix: str) -> dict:
+  """`tx-jax tokenizer`: a SentencePiece on data spec `spec` -> PREFIX.model/.vocab."""
+  from tx_jax.data import sources  # pylint: disable=g-import-not-at-top
+  source = sources.open_source(spec)
+  texts = (source[i]["text"] for i in range(len(source)))
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  tok = train_sentencepiece(texts, vocab_size, prefix)
+  return {"model": prefix + ".model", "vocab_size": tok.vocab_size, "documents": len(source)}
+
+
 def make_tokenizer(spec: str, specials: Sequence[str] = ()) -> Tokenizer:
-  """`"byte"` or `"spm:/path/to/prefix.model"`."""
+  """`"byte"`, `"spm:/path/to/prefix.model"` or `"hf:/path/to/tokenizer.json"`."""
   if spec == "byte":
     return ByteTokenizer(specials)
   if spec.startswith("spm:"):
     return SentencePieceTokenizer(os.path.expanduser(spec[4:]), specials)
+  if spec.startswith("hf:"):
+    from tx_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer.from_file(os.path.expanduser(spec[3:]), specials)
   raise UserError(
-      f"unknown tokenizer '{spec}'; use 'byte' or 'spm:/path/to/PREFIX.model'")
+      f"unknown tokenizer '{spec}'; use 'byte', 'spm:/path/to/PREFIX.model' or "
+      "'hf:/path/to/tokenizer.json'")
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Reads a tokenizer written by `Tokenizer.save(directory)`."""
+  """Reads a tokenizer written by `Tokenizer.save(directory)`, or a Hugging Face
+  model directory's tokenizer.json."""
   path = os.path.join(directory, _CONFIG_FILE)
   try:
     with open(path) as f:
       config = json.load(f)
+    if isinstance(config, dict) and "model" in config and "type" not in config:
+      from tx_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+      return HFTokenizer.from_file(path)
     kind, specials = config["type"], config.get("specials", [])
   except FileNotFoundError:
     raise UserError(
@@ -306,5 +352,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
   if kind == "spm":
     return SentencePieceTokenizer(
         os.path.join(directory, config.get("model", _SPM_FILE)), specials)
+  if kind == "hf":
+    from tx_jax.data.hf_tokenizer import HF_FILE, HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer.from_file(os.path.join(directory, config.get("file", HF_FILE)), specials)
   raise UserError(
-      f"unknown tokenizer type '{kind}' in '{path}'; expected byte or spm")
+      f"unknown tokenizer type '{kind}' in '{path}'; expected byte, spm or hf")

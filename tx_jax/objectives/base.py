@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -69,8 +70,7 @@ def get_objective(name: str) -> type:
 
 def available() -> list[str]:
   """Every registered objective name (imports each objective module once)."""
-  import tx_jax.objectives as package  # pylint: disable=g-import-not-at-top
-  for info in pkgutil.iter_modules(package.__path__):
+  for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
     if info.name not in ("base", "text"):
       importlib.import_module(f"tx_jax.objectives.{info.name}")
   return sorted(_REGISTRY)
@@ -203,5 +203,5 @@ class Objective:
 
   def generate(self, trained, request: dict) -> list[str]:
     """`tx-jax generate`: lines to print. `request` holds the command's options."""
-    raise UserError(f"{trained.workdir!r} holds a {self.name} model, which does not generate; "
-                    "use a causal_lm, encoder-decoder, VAE or GAN workdir")
+    raise UserError(f"{trained.workdir!r} holds a {self.name} model, which does not generate "
+                    "text; use a causal_lm or encoder-decoder workdir")

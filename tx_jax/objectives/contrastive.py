@@ -18,28 +18,29 @@ each micro-batch is its own contrast set.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tx_jax.models import Encoder, TransformerConfig, count_params
+from tx_jax.data import spans
+from tx_jax.models import Encoder, TransformerConfig
+from tx_jax.objectives.base import register
+from tx_jax.objectives.text import TextObjective, pool
 
 NEG = -1e9  # Logit of a padding column: never the answer, no NaN in the softmax.
 
 
 def pooled(hidden, segment_ids):
   """Mean of hidden (B, T, D) over real tokens, l2-normalised -> (B, D) float32."""
-  real = (segment_ids > 0)[..., None]
-  mean = jnp.sum(jnp.where(real, hidden.astype(jnp.float32), 0.0), axis=1) / jnp.maximum(
-      jnp.sum(real, axis=1), 1)
+  mean = pool(hidden, segment_ids, "mean")
   return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
 
 
-class SpanContrastive:
+@register("contrastive")
+class SpanContrastive(TextObjective):
   """InfoNCE between two spans of each document, on an Encoder."""
-  data_kind = "span_pairs"
-  unit = "tokens"
+  # 64-token spans, 64 pairs per batch: each pair has 63 negatives.
+  topics_defaults = {"config": "contrastive.py", "seq_len": 64, "batch_size": 64}
 
   def __init__(self, model_cfg: TransformerConfig, token_bytes: np.ndarray | None = None, *,
                temperature: float = 0.05):
@@ -48,8 +49,24 @@ class SpanContrastive:
     self.temperature = temperature
     self.model = Encoder(model_cfg)
 
-  def init_params(self, rng, seq_len: int):
-    return self.model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  def units_per_batch(self, config) -> int:
+    return 2 * config.train.batch_size * config.data.seq_len   # both spans of each pair
+
+  def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    return spans.span_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
+                                     self.min_span, shard_index=shard_index,
+                                     shard_count=shard_count)
+
+  def eval_rows(self, source, seq_len, batch_size):
+    return spans.span_eval_batches(source, self.tokenizer, seq_len, batch_size, self.min_span)
+
+  def train_iterator(self, config, data):
+    self.min_span = config.data.get("min_span", 8)
+    return super().train_iterator(config, data)
+
+  def eval_batches(self, config, data):
+    self.min_span = config.data.get("min_span", 8)
+    return super().eval_batches(config, data)
 
   def loss_fn(self, params, batch, rng, train: bool):
     # Both sides in one call: (2B, T); each row draws its own dropout mask.
@@ -77,7 +94,16 @@ class SpanContrastive:
     w = max(float(sums["weight"]), 1.0)
     return {"loss": float(sums["nll"]) / w, "accuracy": float(sums["correct"]) / w}
 
-  def flops_per_token(self, params, seq_len: int) -> float:
+  def flops_per_unit(self, params, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12·L·d·T, as for the LMs (an upper bound here:
     the vocabulary readout is never used, and XLA drops it)."""
-    return 6 * count_params(params) + 12 * self.cfg.num_layers * self.cfg.d_model * seq_len
+    return super().flops_per_unit(params, seq_len)
+
+  def synthetic_batch(self, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    """Random full-length span pairs."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, seq_len)
+    return {"inputs_a": rng.integers(0, vocab, shape, dtype=np.int32),
+            "inputs_b": rng.integers(0, vocab, shape, dtype=np.int32),
+            "segment_ids_a": np.ones(shape, np.int32), "segment_ids_b": np.ones(shape, np.int32),
+            "weights": np.ones(batch_size, np.float32)}

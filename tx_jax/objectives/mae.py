@@ -16,8 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tx_jax.data import images
+from tx_jax.errors import UserError
+from tx_jax.evaluation.frozen_encoder import FrozenEncoderEvaluation
 from tx_jax.models import TransformerConfig, count_params
 from tx_jax.models.vit import MAE, ViTConfig, num_kept, patchify, unpatchify, vit_configs
+from tx_jax.objectives.base import Data, Objective, register
 
 NORM_PIX_EPS = 1e-6
 
@@ -48,10 +52,39 @@ def masked_patch_loss(pred, images, mask, valid, patch: int, norm_pix: bool) -> 
           "mean_predictor": jnp.sum(jnp.where(counted, mean_pred_loss * weights, 0.0))}
 
 
-class MAEObjective:
-  """MAE pretraining of a ViT encoder; the unit of work is one image."""
-  data_kind = "images"
+def preprocess_from_config(config, vit) -> images.Preprocess:
+  """How the run's images are resized, normalised and augmented (config.data)."""
+  d = config.data
+  return images.Preprocess(
+      image_size=vit.image_size, channels=vit.channels, mean=tuple(d.mean), std=tuple(d.std),
+      resize=d.resize, crop_scale=tuple(d.crop_scale), flip=d.flip,
+      eval_crop_fraction=d.eval_crop_fraction)
+
+
+class ImageInputs:
+  """How a trained image model reads data outside training (`tx-jax embed`): any
+  image spec, preprocessed exactly as the run's evaluation images."""
+
+  def __init__(self, prep: images.Preprocess):
+    self.prep = prep
+
+  def open(self, spec: str) -> images.ImageSource:
+    return images.open_image_source(spec)
+
+  def collate(self, records) -> dict[str, np.ndarray]:
+    return {"image": np.stack([self.prep.eval(r["image"], r.get("id", "")) for r in records])}
+
+
+@register("mae")
+class MAEObjective(Objective):
+  """MAE pretraining of a ViT encoder; the unit of work is one image.
+
+  Config sections beyond the text runs': `model` holds the flat ViT/MAE fields
+  (see `tx_jax.models.vit.vit_configs`), `data` the image spec, normalisation
+  stats and augmentation, `evaluation` the probe and reconstruction settings.
+  """
   unit = "images"
+  uses_tokenizer = False
 
   def __init__(self, model_cfg: TransformerConfig, token_bytes: np.ndarray | None = None, *,
                vit: ViTConfig = ViTConfig(), decoder: TransformerConfig | None = None,
@@ -69,11 +102,74 @@ class MAEObjective:
     self.inputs = inputs
 
   @classmethod
-  def from_config(cls, model, **options) -> "MAEObjective":
+  def from_model_config(cls, model, **options) -> "MAEObjective":
     """From a run's `model` section (flat ViT/MAE fields, see models.vit.vit_configs)
     and its objective_options (mask_ratio, norm_pix_loss)."""
     encoder, vit, decoder = vit_configs(dict(model))
     return cls(encoder, vit=vit, decoder=decoder, **options)
+
+  @classmethod
+  def from_config(cls, config, tokenizer=None) -> "MAEObjective":
+    del tokenizer  # images have no tokens
+    options = dict(config.get("objective_options") or {})
+    unknown = sorted(set(options) - {"mask_ratio", "norm_pix_loss"})
+    if unknown:
+      raise UserError(f"objective_options {unknown} are not options of 'mae'; it takes "
+                      "['mask_ratio', 'norm_pix_loss']")
+    try:
+      objective = cls.from_model_config(config.model, **options)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    objective.inputs = ImageInputs(preprocess_from_config(config, objective.vit))
+    return objective
+
+  # --- data ------------------------------------------------------------------------
+
+  @classmethod
+  def open_data(cls, config) -> Data:
+    d = config.data
+    train, evaluation = images.image_train_eval_sources(d.source, d.eval_source or None,
+                                                        d.eval_fraction, config.train.seed)
+    return Data(train, evaluation)
+
+  def _checked(self, data: Data):
+    """A wrong size or channel count fails now, in one line."""
+    for src in (data.train, data.eval):
+      first = src[0]
+      self.inputs.prep.eval(first["image"], first["id"])
+
+  def init_len(self, config) -> int:
+    return self.vit.num_patches
+
+  def units_per_batch(self, config) -> int:
+    return config.train.batch_size
+
+  def train_iterator(self, config, data: Data):
+    d, t = config.data, config.train
+    n_proc, pid = jax.process_count(), jax.process_index()
+    return images.image_train_iterator(data.train, self.inputs.prep, t.batch_size // n_proc,
+                                       t.seed, shard_index=pid, shard_count=n_proc,
+                                       num_threads=d.num_threads)
+
+  def eval_batches(self, config, data: Data):
+    self._checked(data)
+    d, t = config.data, config.train
+    subset = images.image_subset(data.eval, d.eval_examples or None, t.seed)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    local_bs = t.batch_size // n_proc
+
+    def batches():
+      # Every host builds the same global batches and keeps its rows.
+      for batch in images.image_eval_batches(subset, self.inputs.prep, t.batch_size,
+                                             num_threads=d.num_threads):
+        yield {k: batch[k][pid * local_bs:(pid + 1) * local_bs] for k in ("image", "valid")}
+    return batches
+
+  def evaluation(self, config, data: Data):
+    return FrozenEncoderEvaluation(config, self, self.inputs.prep, data.train, data.eval)
+
+  def benchmark_shape(self, config) -> dict:
+    return {"image_size": self.vit.image_size}
 
   def dummy_images(self, batch: int = 1):
     v = self.vit
@@ -125,8 +221,8 @@ class MAEObjective:
 
   def _inputs(self):
     if self.inputs is None:
-      raise ValueError("this MAEObjective was built without data inputs; load it with "
-                       "tx_jax.train.setup.load_trained")
+      raise ValueError("this MAEObjective was built without data inputs; build it with "
+                       "MAEObjective.from_config(run_config)")
     return self.inputs
 
   def embed_batch(self, params, batch, layer: str = "pre_logits", pooling: str = "mean"):
@@ -151,10 +247,11 @@ class MAEObjective:
     raise ValueError(f"pooling {pooling!r} does not apply to layer {layer!r}; use mean"
                      + (" or cls" if has_cls else ""))
 
-  def applied_pooling(self, layer: str, pooling: str) -> str:
-    """What `embed_batch` did to pool `layer`: for "pre_logits", the model's own
-    pooling ("cls" token or patch "mean"), whatever `pooling` asked."""
-    return f"model:{self.vit.pooling}" if layer == "pre_logits" else pooling
+  def embed_setup(self, config, layer, pooling, seq_len):
+    """(layer, pooling as applied, None): for "pre_logits" the model's own pooling
+    ("model:cls" token or "model:mean" of the patches), whatever `pooling` asked."""
+    layer = layer or "pre_logits"
+    return layer, f"model:{self.vit.pooling}" if layer == "pre_logits" else pooling, None
 
   def patch_stats_inputs(self, params, images, rng):
     """Decoder states (B, N, Dd), mask (B, N) and each patch's pixel mean and std (B, N, 2)."""
@@ -201,7 +298,7 @@ class MAEObjective:
     recon = unpatchify(patches * (1 - mask) + pred * mask, p, c)
     return recon, unpatchify(jnp.broadcast_to(mask, patches.shape), p, c)
 
-  def flops_per_token(self, params, seq_len: int = 0) -> float:
+  def flops_per_unit(self, params, seq_len: int = 0) -> float:
     """Training FLOPs per image (the loop's unit): 6·(matmul params × tokens) + attention.
 
     The encoder sees K (+1 CLS) tokens, the decoder N (+1); attention adds

@@ -1,7 +1,7 @@
 """Masked language modelling (BERT): predict the selected tokens of a corrupted row.
 
 The corruption (which tokens, [MASK] / random / unchanged) happens in the data
-pipeline (`tx_jax.data.denoising`); the batch's `weights` mark the selected
+pipeline (`tx_jax.data.mlm`); the batch's `weights` mark the selected
 positions, so the loss and accuracy are over exactly those. With
 sentence_order=True a 2-way head at each [CLS] also predicts whether the
 piece's two halves were swapped (ALBERT's sentence-order prediction).
@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from tx_jax.models import Encoder, TransformerConfig, count_params
-
-
-def weighted_cross_entropy(logits, targets, weights):
-  """Summed weighted cross-entropy (nats) and weighted correct count."""
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)    # (B, T)
-  correct = (jnp.argmax(logits, -1) == targets) * weights
-  return jnp.sum(nll * weights), jnp.sum(correct)
+from tx_jax.data import mlm
+from tx_jax.models import Encoder, TransformerConfig
+from tx_jax.objectives.base import register
+from tx_jax.objectives.text import TextObjective, token_cross_entropy
 
 
-class MaskedLM:
+@register("masked_lm")
+class MaskedLM(TextObjective):
   """BERT pretraining on an Encoder; reports masked-token loss and accuracy."""
-  data_kind = "masked_lm"
-  unit = "tokens"
+  topics_defaults = {"config": "bert.py", "seq_len": 128, "batch_size": 32}
 
   def __init__(self, model_cfg: TransformerConfig, token_bytes: np.ndarray, *,
                mlm_head: bool = True, sentence_order: bool = False):
@@ -35,21 +30,40 @@ class MaskedLM:
     self.sentence_order = sentence_order
     self.model = Encoder(model_cfg, mlm_head=mlm_head, sentence_head=sentence_order)
 
-  def init_params(self, rng, seq_len: int):
-    return self.model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  def settings(self, config) -> mlm.MaskedLMSettings:
+    d = config.data
+    return mlm.MaskedLMSettings.from_tokenizer(
+        self.tokenizer, mask_rate=d.mask_rate, mask_token_rate=d.mask_token_rate,
+        random_token_rate=d.random_token_rate, sentence_order=self.sentence_order)
+
+  def train_iterator(self, config, data):
+    self._settings = self.settings(config)
+    return super().train_iterator(config, data)
+
+  def eval_batches(self, config, data):
+    self._settings = self.settings(config)
+    return super().eval_batches(config, data)
+
+  def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    return mlm.mlm_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
+                                        self._settings, shard_index, shard_count)
+
+  def eval_rows(self, source, seq_len, batch_size):
+    return mlm.mlm_eval_batches(source, self.tokenizer, seq_len, batch_size,
+                                      self._settings)
 
   def loss_fn(self, params, batch, rng, train: bool):
     logits, out = self.model.apply(
         {"params": params}, batch["inputs"], positions=batch["positions"],
         segment_ids=batch["segment_ids"], token_types=batch.get("token_types"),
         deterministic=not train, rngs={"dropout": rng} if train else None)   # (B, T, V)
-    nll, correct = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+    nll, correct = token_cross_entropy(logits, batch["targets"], batch["weights"])
     weight = jnp.sum(batch["weights"])
     sums = {"nll": nll, "correct": correct, "weight": weight}
     loss = nll / jnp.maximum(weight, 1.0)
     if self.sentence_order:
       sw = batch["sentence_weights"]
-      s_nll, s_correct = weighted_cross_entropy(out["sentence_logits"], batch["sentence_labels"],
+      s_nll, s_correct = token_cross_entropy(out["sentence_logits"], batch["sentence_labels"],
                                                 sw)
       sums.update(sentence_nll=s_nll, sentence_correct=s_correct, sentence_weight=jnp.sum(sw))
       loss = loss + s_nll / jnp.maximum(jnp.sum(sw), 1.0)
@@ -65,6 +79,16 @@ class MaskedLM:
                      sentence_order_accuracy=float(sums["sentence_correct"]) / sw)
     return metrics
 
-  def flops_per_token(self, params, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·d·T (every position is computed)."""
-    return 6 * count_params(params) + 12 * self.cfg.num_layers * self.cfg.d_model * seq_len
+  def synthetic_batch(self, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    """Random rows, every position predicted (the FLOPs of a full row)."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, seq_len)
+    batch = {"inputs": rng.integers(0, vocab, shape, dtype=np.int32),
+             "targets": rng.integers(0, vocab, shape, dtype=np.int32),
+             "weights": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
+             "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy()}
+    if self.sentence_order:
+      batch.update(token_types=np.zeros(shape, np.int32),
+                   sentence_labels=rng.integers(0, 2, shape, dtype=np.int32),
+                   sentence_weights=np.zeros(shape, np.float32))
+    return batch

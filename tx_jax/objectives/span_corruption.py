@@ -1,7 +1,7 @@
-"""Encoder-decoder objectives (T5): span corruption and supervised seq2seq.
+"""T5 span corruption: an EncoderDecoder reconstructs the dropped spans.
 
-Both train an EncoderDecoder with teacher forcing on packed batches from
-`tx_jax.data.denoising` and differ only in the data they read. Metrics: loss
+Trained with teacher forcing on packed batches from `tx_jax.data.span_corruption`
+(supervised pairs, `seq2seq.py`, reuse everything but the data). Metrics: loss
 and accuracy over target tokens, and exact match, the fraction of examples
 whose every target token is the argmax prediction (teacher-forced).
 """
@@ -12,8 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tx_jax.data import span_corruption as span_data
+from tx_jax.errors import UserError
 from tx_jax.models import EncoderDecoder, TransformerConfig, count_params
-from tx_jax.objectives.masked_lm import weighted_cross_entropy
+from tx_jax.objectives.base import register
+from tx_jax.objectives.text import (TextObjective, token_bytes, token_cross_entropy,
+                                    transformer_config)
 
 
 def exact_matches(logits, targets, segment_ids):
@@ -27,10 +31,18 @@ def exact_matches(logits, targets, segment_ids):
   return jnp.sum(present & (wrong_per == 0)), jnp.sum(present)
 
 
-class SpanCorruption:
-  """T5 span corruption: reconstruct the dropped spans after their sentinels."""
-  data_kind = "span_corruption"
-  unit = "tokens"   # encoder input tokens
+def check_targets_len(config, targets_len: int):
+  if not 1 <= targets_len <= config.model.max_len:
+    raise UserError(f"targets length {targets_len} must be in 1..model.max_len="
+                    f"{config.model.max_len}; adjust data.targets_len or data.seq_len")
+
+
+@register("span_corruption")
+class SpanCorruption(TextObjective):
+  """T5 span corruption: reconstruct the dropped spans after their sentinels.
+
+  The unit of tokens_per_s is the encoder input token.
+  """
 
   def __init__(self, model_cfg: TransformerConfig, token_bytes: np.ndarray, *,
                targets_len: int = 0):
@@ -38,6 +50,43 @@ class SpanCorruption:
     self.cfg = model_cfg
     self.model = EncoderDecoder(model_cfg)
     self.targets_len = targets_len   # only for the FLOPs estimate
+
+  @staticmethod
+  def span_settings(config, tok) -> span_data.SpanSettings:
+    d = config.data
+    return span_data.SpanSettings.from_tokenizer(
+        tok, noise_density=d.noise_density, mean_span_length=d.mean_noise_span_length)
+
+  @classmethod
+  def targets_length(cls, config, tok) -> int:
+    """Decoder length of a row: what span corruption leaves of data.seq_len tokens."""
+    _, targets_len, _ = span_data.span_lengths(config.data.seq_len, cls.span_settings(config, tok))
+    return targets_len
+
+  @classmethod
+  def build(cls, config, tokenizer, options):
+    targets_len = 0  # without a tokenizer (benchmarks): the FLOPs use seq_len targets
+    if tokenizer is not None:
+      targets_len = cls.targets_length(config, tokenizer)
+      check_targets_len(config, targets_len)
+    return cls(transformer_config(config), token_bytes(tokenizer, config.model.vocab_size),
+               targets_len=targets_len, **options)
+
+  def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    return span_data.span_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
+                                         self._settings, shard_index, shard_count)
+
+  def eval_rows(self, source, seq_len, batch_size):
+    return span_data.span_eval_batches(source, self.tokenizer, seq_len, batch_size,
+                                       self._settings)
+
+  def train_iterator(self, config, data):
+    self._settings = self.span_settings(config, self.tokenizer)
+    return super().train_iterator(config, data)
+
+  def eval_batches(self, config, data):
+    self._settings = self.span_settings(config, self.tokenizer)
+    return super().eval_batches(config, data)
 
   def init_params(self, rng, seq_len: int):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
@@ -52,7 +101,7 @@ class SpanCorruption:
         decoder_segment_ids=batch["targets_segment_ids"], deterministic=not train,
         rngs={"dropout": rng} if train else None)                          # (B, T, V)
     weights = batch["weights"]
-    nll, correct = weighted_cross_entropy(logits, batch["targets"], weights)
+    nll, correct = token_cross_entropy(logits, batch["targets"], weights)
     weight = jnp.sum(weights)
     exact, examples = exact_matches(logits, batch["targets"], batch["targets_segment_ids"])
     sums = {"nll": nll, "correct": correct, "weight": weight, "exact": exact,
@@ -80,7 +129,7 @@ class SpanCorruption:
             "targets_positions": np.broadcast_to(np.arange(t, dtype=np.int32), dec).copy(),
             "weights": np.ones(dec, np.float32)}
 
-  def flops_per_token(self, params, seq_len: int) -> float:
+  def flops_per_unit(self, params, seq_len: int) -> float:
     """Training FLOPs per encoder token: 6 x (encoder params + decoder params x T/S)
     plus attention (12·L·d per query-key row), for inputs S and targets T."""
     cfg, t = self.cfg, self.targets_len or seq_len
@@ -90,7 +139,12 @@ class SpanCorruption:
     attn = 12 * cfg.d_model * (enc_layers * seq_len + cfg.num_layers * (t + seq_len) * t / seq_len)
     return 6 * (n_enc + n_rest * t / seq_len) + attn
 
-
-class Seq2Seq(SpanCorruption):
-  """Supervised seq2seq on (input, target) pairs, e.g. translation fine-tuning."""
-  data_kind = "seq2seq"
+  def generate(self, trained, request: dict) -> list[str]:
+    """Decodes the target of the prompt: greedy, or beam search with --beam-size > 1."""
+    from tx_jax.generate import generate_seq2seq  # pylint: disable=g-import-not-at-top
+    if request.get("prompt") is None:
+      raise UserError("an encoder-decoder decodes the target of an input; pass --prompt TEXT")
+    return [generate_seq2seq(trained, request["prompt"],
+                             max_new_tokens=request.get("max_new_tokens"),
+                             beam_size=request.get("beam_size", 1),
+                             alpha=request.get("length_penalty", 0.6))]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
+import jax.numpy as jnp
+
+from tx_jax import parallel
 
 
 @flax.struct.dataclass
@@ -16,3 +20,42 @@ class TrainState:
   rng: jax.Array           # uint32 key data; per-step keys are fold_in(rng, step)
   skipped: jax.Array       # int32 scalar: updates skipped for non-finite loss/gradients
   skip_run: jax.Array      # int32 scalar: consecutive skips ending at the last step
+
+
+def init_state(objective, tx, init_len: int, seed: int, boxed: bool = False) -> TrainState:
+  """A fresh TrainState; with boxed=True leaves keep their logical-axis boxes."""
+  rng = jax.random.key(seed)
+  boxed_params = objective.init_params(rng, init_len)
+  params = nn.unbox(boxed_params)
+  opt_state = tx.init(params)
+  if boxed:  # optimizer moments mirror the params' boxes so they shard like them
+    params, opt_state = boxed_params, _box_like(opt_state, boxed_params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    rng=jax.random.key_data(rng), skipped=jnp.zeros((), jnp.int32),
+                    skip_run=jnp.zeros((), jnp.int32))
+
+
+def state_shapes(objective, tx, init_len: int, seed: int):
+  """Abstract TrainState with logical-partition boxes (no memory allocated)."""
+  return jax.eval_shape(lambda: init_state(objective, tx, init_len, seed, boxed=True))
+
+
+def _box_like(opt_state, boxed_params):
+  """Re-attaches the params' logical names to every params-shaped subtree of opt_state."""
+  params_def = jax.tree_util.tree_structure(parallel.strip_boxes(boxed_params))
+  boxes = jax.tree_util.tree_leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+  def visit(node):
+    if jax.tree_util.tree_structure(node) == params_def:
+      leaves = jax.tree_util.tree_leaves(node)
+      return jax.tree_util.tree_unflatten(
+          params_def, [b.replace_boxed(l) if isinstance(b, nn.Partitioned) else l
+                       for b, l in zip(boxes, leaves)])
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      return type(node)(*[visit(c) for c in node])
+    if isinstance(node, (tuple, list)):
+      return type(node)(visit(c) for c in node)
+    if isinstance(node, dict):
+      return {k: visit(v) for k, v in node.items()}
+    return node
+  return visit(opt_state)

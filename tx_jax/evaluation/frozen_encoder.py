@@ -1,9 +1,9 @@
-"""Image experiments (MAE): data, objective and evaluation of the frozen encoder.
+"""Frozen-encoder evaluation of an image model (MAE): probes and reconstruction grids.
 
-Config sections beyond the text runs': `model` holds the flat ViT/MAE fields
-(see `tx_jax.models.vit.vit_configs`), `mae` the objective's settings, `data`
-the image spec, normalisation stats and augmentation, `evaluation` the probe
-and reconstruction settings.
+At every eval of the training loop, and read-only in `tx-jax eval`: a linear
+probe, k-NN and k-means NMI on the frozen encoder's `pre_logits` when the
+data has labels, and a PNG grid of original / masked / reconstructed held-out
+images in workdir/reconstructions/.
 """
 
 from __future__ import annotations
@@ -15,77 +15,12 @@ import numpy as np
 
 from tx_jax import parallel
 from tx_jax.data import images
-from tx_jax.errors import UserError
-from tx_jax.train import optim
-from tx_jax.train.setup import Experiment, make_objective
+from tx_jax.evaluation.image_grid import save_image_grid
+from tx_jax.evaluation.probe import probe_metrics
 
 # Training images used to fit the brightness/contrast readout of norm-pix predictions
 # (default of evaluation.readout_fit_examples).
 STATS_FIT_IMAGES = 1024
-
-
-def preprocess_from_config(config, vit) -> images.Preprocess:
-  d = config.data
-  return images.Preprocess(
-      image_size=vit.image_size, channels=vit.channels, mean=tuple(d.mean), std=tuple(d.std),
-      resize=d.resize, crop_scale=tuple(d.crop_scale), flip=d.flip,
-      eval_crop_fraction=d.eval_crop_fraction)
-
-
-class ImageInputs:
-  """How a trained image model reads data outside training (`tx-jax embed`): any
-  image spec, preprocessed exactly as the run's evaluation images."""
-
-  def __init__(self, prep: images.Preprocess):
-    self.prep = prep
-
-  def open(self, spec: str) -> images.ImageSource:
-    return images.open_image_source(spec)
-
-  def collate(self, records) -> dict[str, np.ndarray]:
-    return {"image": np.stack([self.prep.eval(r["image"], r.get("id", "")) for r in records])}
-
-
-def image_objective(cls, config, options: dict, extra: dict):
-  """An image objective from a run config: model configs from `config.model`
-  (flat ViT/MAE fields), `options` from objective_options, inputs from `config.data`."""
-  try:
-    objective = cls.from_config(config.model, **options, **extra)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  objective.inputs = ImageInputs(preprocess_from_config(config, objective.vit))
-  return objective
-
-
-def mae_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
-  del create_tokenizer  # images need none
-  d, t = config.data, config.train
-  objective = make_objective(config, None)
-  prep = preprocess_from_config(config, objective.vit)
-  train_src, eval_src = images.image_train_eval_sources(d.source, d.eval_source or None,
-                                                        d.eval_fraction, t.seed)
-  for src in (train_src, eval_src):  # a wrong size or channel count fails now, in one line
-    first = src[0]
-    prep.eval(first["image"], first["id"])
-  eval_subset = images.image_subset(eval_src, d.eval_examples or None, t.seed)
-  n_proc, pid = jax.process_count(), jax.process_index()
-  local_bs = t.batch_size // n_proc
-
-  def train_iterator():
-    return images.image_train_iterator(train_src, prep, local_bs, t.seed, shard_index=pid,
-                                       shard_count=n_proc, num_threads=d.num_threads)
-
-  def eval_batches():
-    # Every host builds the same global batches and keeps its rows.
-    for batch in images.image_eval_batches(eval_subset, prep, t.batch_size,
-                                           num_threads=d.num_threads):
-      yield {k: batch[k][pid * local_bs:(pid + 1) * local_bs] for k in ("image", "valid")}
-
-  evaluation = FrozenEncoderEvaluation(config, objective, prep, train_src, eval_src)
-  tx_lr = optim.lr_schedule(config.optim, t.steps)
-  return Experiment(config, None, objective, objective.vit.num_patches, t.batch_size,
-                    train_iterator, eval_batches, lambda s: float(tx_lr(s)),
-                    extra_eval=evaluation)
 
 
 class FrozenEncoderEvaluation:
@@ -145,13 +80,13 @@ class FrozenEncoderEvaluation:
 
   def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
     ev = self.config.evaluation
-    metrics = self.probes(params)
+    metrics = self.metrics(params)
     if ev.reconstructions:
       self.save_reconstructions(params, os.path.join(
           workdir, "reconstructions", f"step_{step:06d}.png"), ev.reconstructions, step)
     return metrics
 
-  def probes(self, params) -> dict[str, float]:
+  def metrics(self, params) -> dict[str, float]:
     """Linear probe / k-NN / k-means NMI of the frozen encoder, when both splits have
     labels and evaluation.probe is on; {} otherwise (and on processes other than 0)."""
     ev = self.config.evaluation
@@ -160,7 +95,6 @@ class FrozenEncoderEvaluation:
       train_x, train_y = self.features(params, self.train_src, ev.probe_train_examples or None)
       test_x, test_y = self.features(params, self.eval_src, ev.probe_test_examples or None)
       if jax.process_index() == 0:
-        from tx_jax.analysis.probe import probe_metrics  # pylint: disable=g-import-not-at-top
         metrics.update(probe_metrics(train_x, train_y, test_x, test_y, knn_k=ev.knn_k,
                                      seed=self.config.train.seed))
     return metrics
@@ -183,7 +117,6 @@ class FrozenEncoderEvaluation:
     rebuilt, mask = jax.device_get(recon(params, originals, readout))
     if jax.process_index() != 0:
       return
-    from tx_jax.analysis.image_grid import save_image_grid  # pylint: disable=g-import-not-at-top
     mean, std = np.asarray(self.prep.mean, np.float32), np.asarray(self.prep.std, np.float32)
     shown = lambda x: np.asarray(x) * std + mean                           # back to [0, 1]
     mask = np.asarray(mask)                                                # 1 = masked
