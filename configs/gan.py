@@ -45,7 +45,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       **{k: v for k, v in dataclasses.asdict(gen).items() if k != "max_len"},
       **dataclasses.asdict(geo)})
   c.objective_options = ml_collections.ConfigDict(dict(
-      loss="nonsaturating", r1_gamma=0.1, ema_decay=0.999, discriminator_lr_ratio=1.0))
+      loss="nonsaturating", r1_gamma=0.01, ema_decay=0.999, discriminator_lr_ratio=2.0))
 
   c.data = ml_collections.ConfigDict(dict(
       source="embedded:digits", eval_source="", eval_fraction=0.2,
@@ -65,7 +65,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       nonfinite="skip"))
 
   c.optim = ml_collections.ConfigDict(dict(
-      lr=5e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, clip_norm=0.0,
+      lr=2e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, clip_norm=0.0,
       accumulate_steps=1, b1=0.0, b2=0.99, eps=1e-8))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp_tp"))
