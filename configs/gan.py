@@ -65,7 +65,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       nonfinite="skip"))
 
   c.optim = ml_collections.ConfigDict(dict(
-      lr=2e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, clip_norm=0.0,
+      lr=3e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, clip_norm=0.0,
       accumulate_steps=1, b1=0.0, b2=0.99, eps=1e-8))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp_tp"))
