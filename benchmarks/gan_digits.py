@@ -57,6 +57,8 @@ def main():
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
   p.add_argument("--out", default=os.path.join(HERE, "results", "gan_digits.json"))
+  p.add_argument("--collect-only", action="store_true",
+                 help="train nothing: tabulate the newest eval of each run as it stands")
   args, extra = p.parse_known_args()
   os.makedirs(args.runs, exist_ok=True)
   sys.path.insert(0, ROOT)
@@ -68,7 +70,8 @@ def main():
 
   # --- Train (at most --jobs at a time), timing each run -------------------------
   workdirs = {s: os.path.join(args.runs, f"seed_{s}") for s in args.seeds}
-  todo = [s for s in args.seeds if final_step(workdirs[s]) < steps]
+  todo = [] if args.collect_only else [s for s in args.seeds
+                                       if final_step(workdirs[s]) < steps]
   timing, running = {}, {}
   while todo or running:
     while todo and len(running) < args.jobs:
@@ -128,7 +131,9 @@ def main():
 
   # --- Markdown ---------------------------------------------------------------------
   fmt = lambda d: f"{d['mean']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
-  lines = [f"# Transformer GAN on digits ({steps} steps, seeds {args.seeds})", "",
+  at = sorted({runs[s]["step"] for s in args.seeds})
+  lines = [f"# Transformer GAN on digits (step {'/'.join(map(str, at))} of {steps}, "
+           f"seeds {args.seeds})", "",
            "Mean over training seeds (min-max). Features, IS and coverage from the small CNN "
            "each run trains on the labelled training images "
            f"(held-out accuracy {fmt(spread('classifier_accuracy'))}); FID against the "
