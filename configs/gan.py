@@ -9,13 +9,15 @@ Launch:
 
 `tiny` works on scikit-learn's 8×8 digits at their native size: 2×2 patches
 (N = 16 tokens), a 2-layer 64-wide generator and discriminator, the
-non-saturating loss with R1 (γ = 0.1) and an EMA of the generator
-(β = 0.999), Adam (β1 = 0, β2 = 0.99) at a constant 5e-4.
-Expected (benchmarks/gan_digits.py, results in benchmarks/results/gan_digits.md):
-FID of the EMA generator well under half of the full-covariance Gaussian's,
-classifier confidence close to real held-out images', every class covered.
-Metrics are in the feature space of a small CNN trained once on the labelled
-training images (tx_jax/evaluation/sample_quality.py), not Inception's.
+non-saturating loss with R1 (γ = 0.01) and an EMA of the generator
+(β = 0.999), Adam (β1 = 0, β2 = 0.99) at a constant 3e-4 (discriminator 2×),
+batch 64, 3000 steps (about 350 s of CPU time). Measured over 3 training seeds
+(benchmarks/gan_digits.py, benchmarks/results/gan_digits.md): FID 33.9
+(29.2-38.0) for the EMA generator against 59.0 for a full-covariance Gaussian
+fit to the training pixels and 4.4 for real held-out images; Inception Score
+6.5 (real 9.4), confidence 0.88 (real 0.99), class coverage 0.97. Metrics are
+in the feature space of a small CNN trained once on the labelled training
+images (tx_jax/evaluation/sample_quality.py), not Inception's.
 
 `cifar` is a 6-layer 384-wide generator and discriminator on 32×32 images
 with 4×4 patches (N = 64), batch 128, 200k steps; on a folder of images
