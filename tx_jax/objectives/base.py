@@ -13,6 +13,8 @@ objective-specific piece, and the generic code only asks it:
                -> (loss, sums)`, `summarize(sums) -> metrics`
   optimizer    `optimizer(optim_cfg, make_default)`: default AdamW; fine-tuning
                and two-network objectives build their own from the default
+  the update   optional `train_update(params, opt_state, tx, batch, rng, step)`
+               for a step that is not one gradient of `loss_fn` (a GAN)
   benchmark    `synthetic_batch(batch_size, seq_len, vocab, seed)`,
                `flops_per_unit(params, seq_len)`, `unit` ("tokens" / "images")
   evaluation   `evaluation(config, data)`: extra metrics at every eval
@@ -147,6 +149,16 @@ class Objective:
     """The optax transformation of the run; `make_default(optim_cfg)` is AdamW with
     warmup + cosine decay, clipping and the decay mask (tx_jax.train.optim)."""
     return make_default(optim_cfg)
+
+  # An objective whose step is more than one gradient of `loss_fn` (a GAN: the
+  # discriminator's update, then the generator's against the updated
+  # discriminator) defines the method
+  #   train_update(params, opt_state, tx, batch, rng, step) -> (params, opt_state, loss,
+  #                                                             sums, grads)
+  # that applies the whole update with `tx` (its own `optimizer`); the train step
+  # (tx_jax.train.step) keeps the non-finite skip / halt checks and the
+  # grad_norm / param_norm metrics, and refuses gradient accumulation.
+  train_update: ClassVar[Callable | None] = None
 
   # --- benchmark ---------------------------------------------------------------------
 

@@ -41,16 +41,37 @@ def state_shapes(objective, tx, init_len: int, seed: int):
 
 
 def _box_like(opt_state, boxed_params):
-  """Re-attaches the params' logical names to every params-shaped subtree of opt_state."""
-  params_def = jax.tree_util.tree_structure(parallel.strip_boxes(boxed_params))
-  boxes = jax.tree_util.tree_leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  """Re-attaches the params' logical names to every params-shaped subtree of opt_state,
+  and, when the params are a dict of networks each with its own optimizer (a GAN), to
+  every subtree shaped like one of those networks: optimizer moments shard like the
+  weights they follow. A subtree counts as shaped like a tree when its structure and
+  every leaf's shape match."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  trees = [boxed_params]
+  if isinstance(boxed_params, dict):
+    trees += [v for v in boxed_params.values() if isinstance(v, dict)]
+  templates = []
+  for tree in trees:
+    stripped = parallel.strip_boxes(tree)
+    templates.append((jax.tree_util.tree_structure(stripped),
+                      [getattr(x, "shape", None) for x in jax.tree_util.tree_leaves(stripped)],
+                      jax.tree_util.tree_leaves(tree, is_leaf=is_box)))
+
+  def matching(node):
+    structure = jax.tree_util.tree_structure(node)
+    for treedef, shapes, boxes in templates:
+      if structure == treedef and [getattr(x, "shape", None) for x in
+                                   jax.tree_util.tree_leaves(node)] == shapes:
+        return treedef, boxes
+    return None
 
   def visit(node):
-    if jax.tree_util.tree_structure(node) == params_def:
+    found = matching(node)
+    if found is not None:
+      treedef, boxes = found
       leaves = jax.tree_util.tree_leaves(node)
       return jax.tree_util.tree_unflatten(
-          params_def, [b.replace_boxed(l) if isinstance(b, nn.Partitioned) else l
-                       for b, l in zip(boxes, leaves)])
+          treedef, [b.replace_boxed(l) if is_box(b) else l for b, l in zip(boxes, leaves)])
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       return type(node)(*[visit(c) for c in node])
     if isinstance(node, (tuple, list)):

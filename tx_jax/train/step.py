@@ -30,8 +30,19 @@ def make_train_step(objective, tx: optax.GradientTransformation, accumulate_step
   included, so the host can find out lazily (it reads `skip_run` only at log
   and checkpoint steps) and still knows exactly which step halted it and that
   nothing was applied since. halt_after=None never halts.
+
+  An objective whose step is not one gradient of its loss (a GAN: the
+  discriminator's update, then the generator's against it) defines
+  `train_update(params, opt_state, tx, batch, rng, step) -> (params,
+  opt_state, loss, sums, grads)` and applies the update itself; the same
+  checks then hold, the finite check reading the new params in place of the
+  updates, and grad_norm is over the `grads` it returns. It cannot accumulate.
   """
   grad_fn = jax.value_and_grad(objective.loss_fn, has_aux=True)
+  custom_update = getattr(objective, "train_update", None)
+  if custom_update is not None and accumulate_steps != 1:
+    raise ValueError(f"{type(objective).__name__} applies its own update and cannot "
+                     f"accumulate {accumulate_steps} micro-batches")
 
   def micro_step(params, batch, rng):
     (loss, sums), grads = grad_fn(params, batch, rng, True)
@@ -39,7 +50,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, accumulate_step
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    if accumulate_steps == 1:
+    if custom_update is not None:
+      params, opt_state, loss, sums, grads = custom_update(
+          state.params, state.opt_state, tx, batch, rng, state.step)
+      changed = params
+    elif accumulate_steps == 1:
       grads, sums = micro_step(state.params, batch, rng)
       loss = sums["loss_sum"] / jnp.maximum(sums["weight"], 1e-9)
     else:
@@ -62,10 +77,12 @@ def make_train_step(objective, tx: optax.GradientTransformation, accumulate_step
       loss = sums["loss_sum"] / denom
 
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    if custom_update is None:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      changed = updates
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
+              & jnp.isfinite(optax.tree.norm(changed)))
     halted = (state.skip_run >= halt_after) if halt_after else jnp.bool_(False)
     apply = finite & ~halted
     keep = lambda new, old: jax.tree_util.tree_map(
