@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "posterior means of A and B")
   p.add_argument("--reconstruct", metavar="TEXT",
                  help="VAE workdirs: decode the posterior mean of TEXT")
+  p.add_argument("--out", help="GAN (or other image) workdirs: write the samples to this .npz "
+                 "(key images: N x H x W x C float in [0, 1])")
+  p.add_argument("--grid", help="GAN workdirs: also save the samples as a PNG grid")
 
   p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on a data spec")
   p.add_argument("--data", required=True)

@@ -40,6 +40,7 @@ class GANConfig:
   disc_pooling: str = "mean"       # the discriminator's pooling: mean | cls
 
   def vit(self, posemb: str = "learned", num_classes: int = 0) -> ViTConfig:
+    """The ViT geometry (image, patch, channels) both networks share."""
     return ViTConfig(image_size=self.image_size, patch_size=self.patch_size,
                      channels=self.channels, pooling=self.disc_pooling, posemb=posemb,
                      num_classes=num_classes)
@@ -117,6 +118,7 @@ class Generator(nn.Module):
 
   @nn.compact
   def __call__(self, z: Array, deterministic: bool = True) -> Array:
+    """Noise z (B, latent) -> images (B, H, W, C)."""
     cfg, gan = self.cfg, self.gan
     vit = gan.vit(posemb="learned")
     n = vit.num_patches
@@ -141,6 +143,7 @@ class Discriminator(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array, deterministic: bool = True) -> Array:
+    """Images (B, H, W, C) -> real-vs-fake logits (B,)."""
     logits, _ = ViT(self.cfg, self.gan.vit(posemb="learned", num_classes=1), name="vit")(
         images, deterministic=deterministic)
     return logits[:, 0]

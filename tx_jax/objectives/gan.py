@@ -230,6 +230,7 @@ class GANObjective(Objective):
     return self.generator.apply({"params": gen_params}, z, deterministic=not train)
 
   def discriminate(self, disc_params, images_, train: bool = False):
+    """The discriminator's logits (B,) of images (B, H, W, C)."""
     return self.discriminator.apply({"params": disc_params}, images_, deterministic=not train)
 
   def to_unit(self, x):
@@ -258,6 +259,7 @@ class GANObjective(Objective):
                   "fake_logit": jnp.sum(fake_logits * valid), "weight": jnp.sum(valid)}
 
   def generator_loss(self, gen_params, disc_params, z):
+    """The generator's loss against the discriminator on samples of noise z."""
     fake = self.generate_images(gen_params, z, train=True)
     return jnp.mean(generator_losses(self.discriminate(disc_params, fake, train=True),
                                      self.loss))
