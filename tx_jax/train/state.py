@@ -8,6 +8,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from tx_jax import parallel
 
@@ -45,12 +46,16 @@ def _box_like(opt_state, boxed_params):
   params_def = jax.tree_util.tree_structure(parallel.strip_boxes(boxed_params))
   boxes = jax.tree_util.tree_leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
   def visit(node):
-    if jax.tree_util.tree_structure(node) == params_def:
-      leaves = jax.tree_util.tree_leaves(node)
+    # A params-shaped subtree; under optax.masked / multi_transform some of its leaves
+    # are MaskedNode (no state for that parameter) and stay so.
+    if jax.tree_util.tree_structure(node, is_leaf=masked) == params_def:
+      leaves = jax.tree_util.tree_leaves(node, is_leaf=masked)
       return jax.tree_util.tree_unflatten(
-          params_def, [b.replace_boxed(l) if isinstance(b, nn.Partitioned) else l
-                       for b, l in zip(boxes, leaves)])
+          params_def, [b.replace_boxed(l) if isinstance(b, nn.Partitioned) and not masked(l)
+                       else l for b, l in zip(boxes, leaves)])
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       return type(node)(*[visit(c) for c in node])
     if isinstance(node, (tuple, list)):
