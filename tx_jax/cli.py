@@ -1,4 +1,5 @@
-"""`tx-jax` command line: train, eval, generate, tokenizer, benchmark, embed, analyze, topics.
+"""`tx-jax` command line: train, eval, generate, tokenizer, benchmark, embed, predict,
+analyze, topics.
 
 User mistakes (UserError, bad flags) exit with status 2 and one line on
 stderr; nothing in an existing workdir is touched before the inputs check out.
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", required=True, help="data spec, e.g. file:posts.csv")
   p.add_argument("--out", required=True, help="output FILE.npz")
   _add_embed_flags(p)
+
+  p = sub.add_parser("predict", help="a trained classifier's labels and probabilities -> .csv")
+  p.add_argument("--workdir", required=True, help="a workdir trained with configs/classify.py")
+  p.add_argument("--data", required=True, help="data spec, e.g. file:new.csv")
+  p.add_argument("--out", required=True, help="output FILE.csv")
+  p.add_argument("--batch-size", type=int, default=64)
 
   p = sub.add_parser("analyze", help="cluster embeddings; write report.json/html, map, csv")
   p.add_argument("--embeddings", required=True, help="FILE.npz from tx-jax embed")
@@ -200,6 +207,11 @@ def cmd_embed(args, _):
   print(json.dumps(summary))
 
 
+def cmd_predict(args, _):
+  from tx_jax.analysis.predict import predict_workdir
+  print(json.dumps(predict_workdir(args.workdir, args.data, args.out, args.batch_size)))
+
+
 def cmd_analyze(args, _):
   from tx_jax.topics import analyze_summary
   print(json.dumps(analyze_summary(args, args.embeddings, args.out)))
@@ -212,7 +224,7 @@ def cmd_topics(args, _):
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "tokenizer": cmd_tokenizer, "benchmark": cmd_benchmark, "embed": cmd_embed,
-            "analyze": cmd_analyze, "topics": cmd_topics}
+            "predict": cmd_predict, "analyze": cmd_analyze, "topics": cmd_topics}
 
 
 def main(argv=None) -> int:
