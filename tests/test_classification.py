@@ -339,3 +339,67 @@ def test_bad_input_exits_2_with_one_line(case, message, tmp_path, capsys):
   assert code == 2 and len(err) == 1, err
   assert message in err[0], err
   assert not workdir.exists()
+
+
+# --- Every family's body grafts into a classifier ------------------------------------
+
+def _pretrained(objective_name, params, body=None):
+  import ml_collections
+  from tx_jax.train.trained import Trained
+  config = ml_collections.ConfigDict({"objective": objective_name,
+                                      "finetune": {"body": body or ""}})
+  return Trained(config, None, None, params, 7)
+
+
+@pytest.mark.parametrize("family", ["encoder", "decoder", "encoder_decoder", "vit"])
+def test_transfer_grafts_every_family_and_refuses_misfits(family):
+  import flax.linen as nn
+  from tx_jax.errors import UserError
+  from tx_jax.models import TransformerConfig
+  from tx_jax.models.vit import vit_configs
+  from tx_jax.objectives.causal_lm import CausalLM
+  from tx_jax.objectives.classification import Classification
+  from tx_jax.objectives.mae import MAEObjective
+  from tx_jax.objectives.masked_lm import MaskedLM
+  from tx_jax.objectives.span_corruption import SpanCorruption
+  v, t = 64, 16
+  tiny = dict(vocab_size=v, num_layers=1, d_model=32, num_heads=2, mlp_dim=64, max_len=t)
+  labels = ["a", "b", "c"]
+  if family == "vit":
+    enc, vit, dec = vit_configs(dict(image_size=8, patch_size=2, channels=1, num_layers=1,
+                                     d_model=32, num_heads=2, mlp_dim=64))
+    pre = MAEObjective(enc, vit=vit, decoder=dec)
+    name, make = "mae", lambda: Classification("vit", enc, labels, vit=vit)
+  else:
+    cfg = TransformerConfig(**tiny, **({"num_encoder_layers": 1} if family == "encoder_decoder"
+                                       else {}))
+    pre, name = {"encoder": (MaskedLM(cfg, np.ones(v, np.float32)), "masked_lm"),
+                 "decoder": (CausalLM(cfg, np.ones(v, np.float32)), "causal_lm"),
+                 "encoder_decoder": (SpanCorruption(cfg, np.ones(v, np.float32)),
+                                     "span_corruption")}[family]
+    make = lambda: Classification(family, cfg, labels, seq_len=t)
+  clf = make()
+  pre_params = jax.device_get(nn.unbox(pre.init_params(jax.random.key(1), t)))
+  fresh = jax.device_get(nn.unbox(clf.init_params(jax.random.key(0))))
+  params, report = clf.transfer(fresh, _pretrained(name, pre_params))
+  assert sorted(report["new"]) == ["head/bias", "head/kernel"]
+  if family in ("encoder", "vit"):  # the MLM head / the MAE's pixel decoder is left behind
+    assert report["dropped"] if family == "encoder" else report["loaded_params"] > 0
+  source = pre_params["encoder"] if family == "vit" else pre_params
+  flat_src = {"/".join(getattr(k, "key", str(k)) for k in p): x
+              for p, x in jax.tree_util.tree_leaves_with_path(source)}
+  for p, x in jax.tree_util.tree_leaves_with_path(params["body"]):
+    np.testing.assert_array_equal(x, flat_src["/".join(k.key for k in p)])
+  batch = clf.synthetic_batch(4, t, v)
+  loss, sums = clf.loss_fn(params, batch, jax.random.key(0), False)
+  assert np.isfinite(float(loss)) and float(sums["count"]) == 4
+  if family == "decoder":  # a decoder body never fits an encoder classifier
+    with pytest.raises(UserError, match="does not fit"):
+      Classification("encoder", cfg, labels, seq_len=t).transfer(
+          fresh, _pretrained(name, pre_params))
+  if family == "encoder":  # other widths: refused, naming the tensor
+    wide = TransformerConfig(**{**tiny, "d_model": 64})
+    wide_params = jax.device_get(nn.unbox(MaskedLM(wide, np.ones(v, np.float32)).init_params(
+        jax.random.key(1), t)))
+    with pytest.raises(UserError, match="does not fit this model"):
+      clf.transfer(fresh, _pretrained(name, wide_params))
