@@ -40,7 +40,8 @@ sys.path.insert(0, ROOT)
 
 
 def run_train(config: str, workdir: str, overrides: list[str], steps: int) -> dict:
-  """`tx-jax train` (skipped when `workdir` holds step `steps`); -> final eval metrics."""
+  """`tx-jax train` (skipped when `workdir` holds step `steps`); -> final eval metrics
+  (the last logged training loss when the run was stopped before its eval)."""
   done = os.path.isdir(os.path.join(workdir, "checkpoints", str(steps)))
   timing = {}
   if not done:
@@ -58,9 +59,10 @@ def run_train(config: str, workdir: str, overrides: list[str], steps: int) -> di
       json.dump(timing, f)
   elif os.path.isfile(os.path.join(workdir, "bench_timing.json")):
     timing = json.load(open(os.path.join(workdir, "bench_timing.json")))
-  evals = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  evals = [e for e in evals if any(k.startswith("eval/") for k in e)]
-  last = evals[-1]
+  logs = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  evals = [e for e in logs if any(k.startswith("eval/") for k in e)]
+  last = evals[-1] if evals else {"step": logs[-1]["step"],
+                                  "eval/train_loss": logs[-1].get("train/loss")}
   return {"command": " ".join(["tx-jax train --config", config, "--workdir", workdir,
                                *overrides]),
           "step": last["step"], **{k[5:]: v for k, v in last.items()
@@ -141,10 +143,11 @@ def text(args) -> dict:
   pretrain = {"command": "(not run in this call)", "step": None}
   if wanted(args, "finetune", "linear_probe"):
     pretrain = run_train("configs/bert.py", pre, [
-      f"--config.data.source=file:{corpus}", "--config.data.eval_source=",
-      f"--config.train.steps={args.pretrain_steps}",
-      f"--config.train.eval_every={args.pretrain_steps}",
-        f"--config.train.checkpoint_every={args.pretrain_steps // 2}"], args.pretrain_steps)
+        f"--config.data.source=file:{corpus}", "--config.data.eval_source=",
+        f"--config.train.steps={args.pretrain_steps}",
+        f"--config.train.eval_every={args.pretrain_steps}",
+        f"--config.train.checkpoint_every={args.pretrain_steps // 2}"],
+        args.pretrain_stop or args.pretrain_steps)
 
   n = args.steps
   common = [f"--config.train.steps={n}", f"--config.train.eval_every={n}",
@@ -177,9 +180,10 @@ def digits(args) -> dict:
   pretrain = {"command": "(not run in this call)", "step": None}
   if wanted(args, "finetune", "linear_probe"):
     pretrain = run_train("configs/mae.py", pre, [
-      f"--config.train.steps={args.pretrain_steps}",
-      f"--config.train.eval_every={args.pretrain_steps}",
-        f"--config.train.checkpoint_every={args.pretrain_steps // 2}"], args.pretrain_steps)
+        f"--config.train.steps={args.pretrain_steps}",
+        f"--config.train.eval_every={args.pretrain_steps}",
+        f"--config.train.checkpoint_every={args.pretrain_steps // 2}"],
+        args.pretrain_stop or args.pretrain_steps)
   n = args.steps
   common = [f"--config.train.steps={n}", f"--config.train.eval_every={n}",
             f"--config.train.checkpoint_every={n}", "--config.train.batch_size=64",
@@ -234,6 +238,9 @@ def main():
   p.add_argument("--runs", default=os.path.join(ROOT, "runs", "classify_bench"))
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--pretrain-steps", type=int, default=300)
+  p.add_argument("--pretrain-stop", type=int, default=0,
+                 help="pretraining counts as done at this checkpoint (a run stopped early, "
+                      "by SIGTERM, on a loaded machine); 0: at --pretrain-steps")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--probe-lr", type=float, default=1e-2)
   p.add_argument("--seq-len", type=int, default=64, help="tokens (bytes) per document")

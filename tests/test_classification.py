@@ -403,3 +403,25 @@ def test_transfer_grafts_every_family_and_refuses_misfits(family):
         jax.random.key(1), t)))
     with pytest.raises(UserError, match="does not fit this model"):
       clf.transfer(fresh, _pretrained(name, wide_params))
+
+
+@pytest.mark.parametrize("name", ["imdb_reviews", "ag_news_subset", "sentiment140"])
+def test_tfds_text_sets_make_labelled_batches(name, monkeypatch, tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from tx_jax.data import tokenizers
+  from tx_jax.objectives.classification import Classification
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  with tfds.testing.mock_data(num_examples=40):
+    config = classify_config([*TINY, f"data.source=tfds:{name}:train"])
+    data = Classification.open_data(config)
+    config = Classification.complete_config(config, data)
+    tok = tokenizers.make_tokenizer("byte", tuple(config.data.specials))
+    obj = Classification.from_config(config, tok)
+    assert len(data.train) + len(data.eval) == 40
+    truth = [labelled.label_name(data.eval, data.eval[i]["label"]) for i in range(len(data.eval))]
+    batch = next(iter(obj.eval_batches(config, data)()))
+    assert batch["tokens"].shape == (8, 32) and batch["label"].dtype == np.int32
+    rows = int(batch["valid"].sum())
+    assert [obj.labels[i] for i in batch["label"][:rows]] == truth[:rows]
+    if name == "imdb_reviews":
+      assert obj.labels == ["neg", "pos"]

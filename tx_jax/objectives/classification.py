@@ -578,7 +578,7 @@ class Classification(TextObjective):
   def embed_setup(self, config, layer, pooling, seq_len):
     if self.image:
       return "pre_logits", f"model:{self.vit.pooling}", None
-    return super().embed_setup(config, layer, pooling, seq_len)
+    return super().embed_setup(config, layer, pooling, seq_len or self.seq_len)
 
   def embed_collate(self, records):
     if self.image:
