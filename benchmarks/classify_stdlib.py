@@ -201,6 +201,10 @@ def digits(args) -> dict:
                                       "--config.finetune.mode=linear_probe",
                                       f"--config.optim.lr={args.probe_lr}",
                                       "--config.optim.weight_decay=0.0"], n)
+    from tx_jax.data import images
+    train_src, eval_src = images.image_train_eval_sources("embedded:digits", None, 0.2, 0)
+    rows["linear_probe_sklearn"] = probe_reference(os.path.join(runs, "digits_probe"),
+                                                   train_src, eval_src)
   if wanted(args, "scratch"):
     rows["scratch"] = run_train("configs/classify.py:image",
                                 os.path.join(runs, "digits_scratch"),
