@@ -15,6 +15,7 @@ import pytest
 from tx_jax.data import corpora
 from tx_jax.data import pipeline
 from tx_jax.data import sources
+from tx_jax.data import tfds as tfds_lib
 from tx_jax.data import tokenizers
 from tx_jax.errors import UserError
 
@@ -428,14 +429,14 @@ def test_tfds_record_mapping_bytes_and_fallback():
     pass
 
   features = {"id": Feature(), "sentence": Text(), "label": ClassLabel()}
-  text_key, label_key = sources.tfds_fields("some_new_set", features)
+  text_key, label_key = tfds_lib.tfds_fields("some_new_set", features)
   assert (text_key, label_key) == ("sentence", "label")
-  src = sources.TfdsSource(
+  src = tfds_lib.TfdsSource(
       [{"sentence": b"caf\xc3\xa9 \xff", "label": np.array(3), "id": 1}],
       text_key, label_key, None, "fake")
   assert src[0] == {"text": "café \ufffd", "label": 3}
   with pytest.raises(UserError, match="no text feature"):
-    sources.tfds_fields("images", {"image": Feature(), "label": ClassLabel()})
+    tfds_lib.tfds_fields("images", {"image": Feature(), "label": ClassLabel()})
 
 
 def test_tfds_user_errors(monkeypatch, tmp_path):

@@ -239,3 +239,30 @@ def test_sharded_forward_matches_single_device():
   want = jnp.concatenate([forward(params, inputs[:B], dec[:B]),
                           forward(params, inputs[1:], dec[1:])[-1:]])
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_generate_seq2seq_default_length_fills_the_decoder_context():
+  # `tx-jax generate` on a T5 workdir passes max_new_tokens=None: decode cfg.max_len tokens.
+  import types
+  from tx_jax.data import denoising, tokenizers
+  from tx_jax.generate import _decode_with_specials, generate_seq2seq
+  tok = tokenizers.ByteTokenizer(denoising.t5_specials(2))
+  cfg = dataclasses.replace(T5ISH, vocab_size=tok.vocab_size)
+  model, params = EncoderDecoder(cfg), _random_params(cfg, scale=0.5, seed=1)
+  trained = types.SimpleNamespace(
+      tokenizer=tok, params=params, objective=types.SimpleNamespace(cfg=cfg, model=model),
+      config=types.SimpleNamespace(data=types.SimpleNamespace(seq_len=S)))
+  prompt = "a <extra_id_0> b"
+  ids = [ord("a"), ord(" "), tok.special_ids["<extra_id_0>"], ord(" "), ord("b"), 257]
+  inputs = np.zeros((1, S), np.int32)
+  inputs[0, :len(ids)] = ids
+  seg = (np.arange(S) < len(ids)).astype(np.int32)[None]
+  kw = dict(max_len=cfg.max_len, start_id=256, eos_id=257)
+  for beam_size in (1, 4):
+    if beam_size == 1:
+      want = greedy_decode(model, params, inputs, seg, **kw)
+    else:
+      want, _ = beam_search(model, params, inputs, seg, beam_size=beam_size, alpha=0.6, **kw)
+    want = np.asarray(want)[0]
+    got = generate_seq2seq(trained, prompt, beam_size=beam_size)
+    assert got == _decode_with_specials(tok, want)

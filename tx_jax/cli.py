@@ -3,12 +3,15 @@ analyze, topics.
 
 User mistakes (UserError, bad flags) exit with status 2 and one line on
 stderr; nothing in an existing workdir is touched before the inputs check out.
+A failed read or write of the command's own files (disk full, read-only or
+failing filesystem: IOFailure or OSError) exits with status 3 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -16,8 +19,15 @@ class _Parser(argparse.ArgumentParser):
   """argparse that reports errors in one line and exits 2."""
 
   def error(self, message):
-    sys.stderr.write(f"tx-jax: error: {message} (see tx-jax {self.prog.split()[-1]} --help)\n")
+    command = " ".join(self.prog.split()[1:2])
+    help_hint = f"tx-jax {command} --help" if command else "tx-jax --help"
+    sys.stderr.write(f"tx-jax: error: {_one_line(message)} (see {help_hint})\n")
     sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+  """text with every line break (CR, LF, U+2028, ... as str.splitlines sees them) a space."""
+  return " ".join(str(text).splitlines())
 
 
 TOPICS_EPILOG = """steps, each kept in OUT:
@@ -48,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
   p = sub.add_parser("train", help="train (or resume) a model in a workdir")
-  p.add_argument("--config", required=True, help="configs/NAME.py[:ARG]")
+  p.add_argument("--config", help="configs/NAME.py[:ARG] (default: the workdir's own "
+                 "config.json, e.g. of an imported model)")
   p.add_argument("--workdir", required=True)
   _add_distributed_flags(p)
 
@@ -94,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output FILE.csv")
   p.add_argument("--batch-size", type=int, default=64)
 
+  p = sub.add_parser("import", help="a Hugging Face model directory -> a tx_jax workdir")
+  p.add_argument("--from", dest="source", required=True,
+                 help="directory with config.json, model.safetensors[.index.json], tokenizer.json")
+  p.add_argument("--out", required=True, help="new workdir (must not exist or be empty)")
+
+  p = sub.add_parser("export", help="a workdir's newest checkpoint -> a Hugging Face directory")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True, help="new directory (must not exist or be empty)")
+
   p = sub.add_parser("analyze", help="cluster embeddings; write report.json/html, map, csv")
   p.add_argument("--embeddings", required=True, help="FILE.npz from tx-jax embed")
   p.add_argument("--out", required=True, help="output directory")
@@ -104,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TOPICS_EPILOG)
   p.add_argument("--data", required=True, help="data spec, e.g. file:posts.csv")
   p.add_argument("--out", required=True, help="output directory (every step's output stays)")
+  p.add_argument("--encoder", metavar="WORKDIR",
+                 help="embed with this trained or imported model (e.g. tx-jax import of a "
+                      "sentence encoder) instead of pretraining one on the posts")
   p.add_argument("--objective", default="contrastive",
                  help="pretraining objective: contrastive (default), causal_lm or masked_lm")
   p.add_argument("--config", help="base config file (default: the objective's configs/*.py)")
@@ -111,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--vocab-size", type=int, default=2000,
                  help="SentencePiece pieces (0: raw bytes; default 2000)")
   _add_embed_flags(p)
-  _add_analyze_flags(p)
+  _add_analyze_flags(p, topics=True)
   return parser
 
 
@@ -120,26 +143,47 @@ def _add_embed_flags(p):
   g = p.add_argument_group("embedding")
   g.add_argument("--layer", help="named model output to pool (default: the final hidden "
                  "states, pre_logits; encoded for an encoder-decoder): embedded, block_00, ...")
-  g.add_argument("--pooling", default="mean", help="mean (default), cls or last token")
+  g.add_argument("--pooling", help="mean, cls or last token (default: the workdir's own, e.g. "
+                 "an imported sentence encoder's, else mean)")
   g.add_argument("--batch-size", type=int, default=64)
   g.add_argument("--seq-len", type=int, help="tokens per document (default: the training seq_len)")
   g.add_argument("--sample", type=int, help="embed a seeded random sample of this many documents")
 
 
-def _add_analyze_flags(p):
+def _add_analyze_flags(p, topics: bool = False):
   g = p.add_argument_group("clustering")
-  g.add_argument("--method", default="kmeans", help="kmeans (default), dbscan, spectral or "
-                 "agglomerative")
+  g.add_argument("--method", default=None, help=(
+      "hdbscan (after UMAP; the default, or kmeans when --k is given), kmeans, spectral or "
+      "agglomerative" if topics else
+      "kmeans (default), dbscan, spectral, agglomerative, or hdbscan (the topic pipeline "
+      "of tx-jax topics)"))
   g.add_argument("--k", type=int, help="number of clusters (default: best silhouette in range)")
   g.add_argument("--k-min", type=int, default=2)
   g.add_argument("--k-max", type=int, default=20)
-  g.add_argument("--reduce", default="tsne", help="2-D map: tsne (default) or pca")
+  g.add_argument("--reduce", default=None, help="2-D map: umap (topics' default), tsne "
+                 "(analyze's default) or pca")
   g.add_argument("--normalize", choices=("none", "standardize", "l2"), default="l2",
                  help="scaling before clustering (l2: by cosine similarity)")
   g.add_argument("--eps", type=float, help="DBSCAN radius (default: estimated)")
   g.add_argument("--min-samples", type=int, default=5, help="DBSCAN core size")
   g.add_argument("--examples", type=int, default=5, help="representative posts per cluster")
   g.add_argument("--seed", type=int, default=0)
+  g = p.add_argument_group("topics (the HDBSCAN pipeline)")
+  g.add_argument("--min-topic-size", type=int, default=10, help="HDBSCAN's smallest topic")
+  g.add_argument("--reduce-topics", type=int, help="merge the most similar topics down to N")
+  g.add_argument("--features", default="model", help="model (the embeddings), tfidf, or both "
+                 "(the two views concatenated after scaling)")
+  g.add_argument("--outliers", default="embeddings", help="noise posts go to the nearest topic "
+                 "by embeddings (default) or ctfidf, or stay outliers (none)")
+  g.add_argument("--time-bin", default="week", help="topics over time: day, week or month")
+  g.add_argument("--urls", default="remove", help="URLs in posts: remove, token or keep")
+  g.add_argument("--mentions", default="token", help="@mentions: token, remove or keep")
+  g.add_argument("--min-df", type=int, default=2, help="c-TF-IDF: smallest document frequency")
+  g.add_argument("--top-terms", type=int, default=10)
+  g.add_argument("--diversity", type=float, default=0.3, help="MMR weight of the top terms")
+  if not topics:
+    g.add_argument("--data", help="the data spec the embeddings came from (full texts, ids, "
+                   "time column)")
 
 
 def _init_distributed(args):
@@ -155,7 +199,10 @@ def _config_from(args, overrides):
   if bad:
     from tx_jax.errors import UserError
     raise UserError(f"unrecognized argument {bad[0]!r}; overrides look like --config.train.steps=100")
-  config = config_lib.load_config_file(args.config)
+  if args.config is None:  # `train --workdir W`: continue with the workdir's own config
+    config = config_lib.workdir_run_config(args.workdir)
+  else:
+    config = config_lib.load_config_file(args.config)
   return config_lib.apply_overrides(config, [o[len("--config."):] for o in overrides])
 
 
@@ -212,9 +259,19 @@ def cmd_predict(args, _):
   print(json.dumps(predict_workdir(args.workdir, args.data, args.out, args.batch_size)))
 
 
+def cmd_import(args, _):
+  from tx_jax.interop.workdir import import_hf
+  print(json.dumps(import_hf(args.source, args.out)))
+
+
+def cmd_export(args, _):
+  from tx_jax.interop.workdir import export_hf
+  print(json.dumps(export_hf(args.workdir, args.out)))
+
+
 def cmd_analyze(args, _):
   from tx_jax.topics import analyze_summary
-  print(json.dumps(analyze_summary(args, args.embeddings, args.out)))
+  print(json.dumps(analyze_summary(args, args.embeddings, args.out, data=args.data)))
 
 
 def cmd_topics(args, _):
@@ -222,9 +279,16 @@ def cmd_topics(args, _):
   run_topics(args)
 
 
+def _fail(error, status: int) -> int:
+  message = _one_line(error)  # always one line, whatever the input held
+  sys.stderr.write(f"tx-jax: error: {message}\n")
+  return status
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "tokenizer": cmd_tokenizer, "benchmark": cmd_benchmark, "embed": cmd_embed,
-            "predict": cmd_predict, "analyze": cmd_analyze, "topics": cmd_topics}
+            "predict": cmd_predict, "analyze": cmd_analyze, "topics": cmd_topics,
+            "import": cmd_import, "export": cmd_export}
 
 
 def main(argv=None) -> int:
@@ -232,13 +296,18 @@ def main(argv=None) -> int:
   args, overrides = parser.parse_known_args(argv)
   if overrides and args.command not in ("train", "benchmark"):
     parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-  from tx_jax.errors import UserError
+  from tx_jax import errors
   try:
     COMMANDS[args.command](args, overrides)
-  except UserError as e:
-    message = " ".join(str(e).split("\n"))  # always one line
-    sys.stderr.write(f"tx-jax: error: {message}\n")
-    return 2
+  except errors.UserError as e:
+    return _fail(e, errors.USER_ERROR_STATUS)
+  except errors.IOFailure as e:
+    return _fail(e, errors.IO_FAILURE_STATUS)
+  except OSError as e:  # a read or write the command did not name: still the machine's
+    if os.environ.get("TX_JAX_TRACEBACK"):
+      raise
+    return _fail(errors.describe_io_error(e, f"{args.command}: file operation on",
+                                          e.filename or "?"), errors.IO_FAILURE_STATUS)
   except KeyboardInterrupt:
     sys.stderr.write("tx-jax: interrupted\n")
     return 130

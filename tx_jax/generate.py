@@ -263,10 +263,13 @@ def _decode_with_specials(tok, ids) -> str:
   return "".join(pieces + [tok.decode(run)])
 
 
-def generate_seq2seq(trained, prompt: str, *, max_new_tokens: int = 64, beam_size: int = 1,
-                     alpha: float = 0.6) -> str:
+def generate_seq2seq(trained, prompt: str, *, max_new_tokens: int | None = None,
+                     beam_size: int = 1, alpha: float = 0.6) -> str:
   """Decodes the target for encoder input `prompt` from a loaded encoder-decoder
-  workdir: greedy for beam_size 1, else beam search with length penalty alpha."""
+  workdir: greedy for beam_size 1, else beam search with length penalty alpha.
+
+  max_new_tokens=None fills the decoder's context (model.max_len positions).
+  """
   from tx_jax.errors import UserError
   tok, cfg = trained.tokenizer, trained.objective.cfg
   for name in ("<pad>", "</s>"):
@@ -278,6 +281,8 @@ def generate_seq2seq(trained, prompt: str, *, max_new_tokens: int = 64, beam_siz
   if len(ids) > seq_len:
     raise UserError(f"the prompt has {len(ids)} tokens (with </s>), more than the encoder's "
                     f"data.seq_len={seq_len}; shorten it")
+  if max_new_tokens is None:
+    max_new_tokens = cfg.max_len
   if not 0 < max_new_tokens <= cfg.max_len:
     raise UserError(f"--max-new-tokens must be in 1..{cfg.max_len} (the decoder's model.max_len)")
   inputs = np.zeros((1, seq_len), np.int32)

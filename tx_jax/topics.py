@@ -19,11 +19,30 @@ TOPICS_TRAIN = dict(log_every=50, checkpoint_every=200, eval_every=200)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def analyze_summary(args, embeddings: str, out: str) -> dict:
-  """`tx-jax analyze` with the command's clustering flags; a short summary."""
+TOPIC_FLAGS = ("min_topic_size", "reduce_topics", "features", "outliers", "time_bin", "urls",
+               "mentions", "min_df", "top_terms", "diversity")
+
+
+def analyze_summary(args, embeddings: str, out: str, data: str | None = None,
+                    topics: bool = False) -> dict:
+  """The report step: `tx-jax analyze` (k-means & co., or the topic pipeline with
+  --method hdbscan) and `tx-jax topics` (the topic pipeline); a short summary."""
+  method = args.method or ("kmeans" if args.k is not None or not topics else "hdbscan")
+  if method == "hdbscan" or topics:
+    from tx_jax.analysis import topics_report  # pylint: disable=g-import-not-at-top
+    report = topics_report(
+        embeddings, out, data=data, map_reduce=args.reduce or "umap", method=method, k=args.k,
+        min_topic_size=args.min_topic_size, reduce_topics=args.reduce_topics,
+        features=args.features, outliers=args.outliers, time_bin=args.time_bin,
+        urls=args.urls, mentions=args.mentions, min_df=args.min_df, n_terms=args.top_terms,
+        diversity=args.diversity, n_examples=args.examples, seed=args.seed,
+        normalize=None if args.normalize == "none" else args.normalize)
+    summary = {k: report[k] for k in ("method", "features", "k", "n") if k in report}
+    return {"out": out, **summary, "metrics": report["metrics"],
+            "baseline_metrics": report.get("baseline", {}).get("metrics")}
   from tx_jax.analysis.report import analyze  # pylint: disable=g-import-not-at-top
-  report = analyze(embeddings, out, method=args.method, k=args.k, k_min=args.k_min,
-                   k_max=args.k_max, reduce=args.reduce, seed=args.seed, eps=args.eps,
+  report = analyze(embeddings, out, method=method, k=args.k, k_min=args.k_min,
+                   k_max=args.k_max, reduce=args.reduce or "tsne", seed=args.seed, eps=args.eps,
                    min_samples=args.min_samples, max_examples=args.examples,
                    normalize=None if args.normalize == "none" else args.normalize)
   return {"out": out, "method": report["method"], "k": report["k"], "n": report["n"],
@@ -80,7 +99,8 @@ def run_topics(args):
   from tx_jax.data import sources, tokenizers  # pylint: disable=g-import-not-at-top
   if args.steps < 1 or args.vocab_size < 0:
     raise UserError("--steps must be >= 1 and --vocab-size >= 0 (0: byte tokens)")
-  topics_objective(args.objective)
+  if not args.encoder:
+    topics_objective(args.objective)
   source = sources.open_source(args.data)  # Bad data fails before anything is written.
   out = os.path.abspath(args.out)
   a = vars(args)
@@ -89,7 +109,7 @@ def run_topics(args):
       "model": {k: a[k] for k in ("data", "vocab_size", "objective", "config", "steps")},
       "embeddings": {k: a[k] for k in ("layer", "pooling", "seq_len", "sample")},
       "report": {k: a[k] for k in ("method", "k", "k_min", "k_max", "reduce", "normalize",
-                                   "eps", "min_samples", "examples", "seed")},
+                                   "eps", "min_samples", "examples", "seed") + TOPIC_FLAGS},
   }
   record_path = os.path.join(out, "topics.json")
   recorded = {}
@@ -115,29 +135,42 @@ def run_topics(args):
       json.dump(recorded, f, indent=2)
     os.replace(tmp, record_path)
 
-  spm_prefix = os.path.join(out, "tokenizer", "spm")
-  spm_path = spm_prefix + ".model" if args.vocab_size else None
-  if should_run("tokenizer", not spm_path or os.path.isfile(spm_path)):
-    if spm_path:
-      tokenizers.train_sentencepiece((source[i]["text"] for i in range(len(source))),
-                                     args.vocab_size, spm_prefix)
-    done("tokenizer")
+  if args.encoder:  # a given model: nothing to pretrain
+    workdir = os.path.abspath(args.encoder)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+      raise UserError(f"--encoder {args.encoder!r} is not a tx-jax workdir (no config.json); "
+                      "train one or tx-jax import a Hugging Face model")
+    from tx_jax.objectives import get_objective  # pylint: disable=g-import-not-at-top
+    from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+    name = config_lib.load_workdir_config(workdir).objective
+    if not get_objective(name).uses_tokenizer:
+      raise UserError(f"--encoder {args.encoder!r} holds an image model ({name}); topics "
+                      "embeds posts with a text model")
+    wanted["embeddings"]["encoder"] = workdir
+  else:
+    spm_prefix = os.path.join(out, "tokenizer", "spm")
+    spm_path = spm_prefix + ".model" if args.vocab_size else None
+    if should_run("tokenizer", not spm_path or os.path.isfile(spm_path)):
+      if spm_path:
+        tokenizers.train_sentencepiece((source[i]["text"] for i in range(len(source))),
+                                       args.vocab_size, spm_prefix)
+      done("tokenizer")
 
-  workdir = os.path.join(out, "model")
-  config = topics_config(args, spm_path, len(source))
-  from tx_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  trained_steps = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    trained_steps = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                          async_save=False).latest_step()
-  # A run cut short resumes; anything else that must run starts from scratch.
-  resumable = recorded.get("model") == wanted["model"] and not redo and trained_steps
-  if should_run("model", trained_steps == args.steps):
-    if not resumable and os.path.isdir(workdir):
-      shutil.rmtree(workdir)
-    done("model")  # Recorded first, so that an interrupted run resumes.
-    from tx_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-    train(config, workdir)
+    workdir = os.path.join(out, "model")
+    config = topics_config(args, spm_path, len(source))
+    from tx_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    trained_steps = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+      trained_steps = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            async_save=False).latest_step()
+    # A run cut short resumes; anything else that must run starts from scratch.
+    resumable = recorded.get("model") == wanted["model"] and not redo and trained_steps
+    if should_run("model", trained_steps == args.steps):
+      if not resumable and os.path.isdir(workdir):
+        shutil.rmtree(workdir)
+      done("model")  # Recorded first, so that an interrupted run resumes.
+      from tx_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+      train(config, workdir)
 
   npz = os.path.join(out, "embeddings.npz")
   if should_run("embeddings", os.path.isfile(npz)):
@@ -149,6 +182,7 @@ def run_topics(args):
 
   report_dir = os.path.join(out, "report")
   if should_run("report", os.path.isfile(os.path.join(report_dir, "report.html"))):
-    print(json.dumps(analyze_summary(args, npz, report_dir)), flush=True)
+    print(json.dumps(analyze_summary(args, npz, report_dir, data=args.data, topics=True)),
+          flush=True)
     done("report")
   print(f"topics: open {os.path.join(report_dir, 'report.html')}", flush=True)

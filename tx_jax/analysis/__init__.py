@@ -1,7 +1,8 @@
 """Unsupervised analysis of embeddings: maps, clusters, metrics and reports.
 
-Imports only numpy, scikit-learn and (lazily, when plotting) matplotlib, so it
-runs on any machine that holds an `.npz` from `tx-jax embed`.
+Imports only numpy, scipy, scikit-learn and (lazily) umap-learn and matplotlib,
+so it runs on any machine that holds an `.npz` from `tx-jax embed`. Topics:
+`fit_topics` (topic_model.py) -> `write_topic_report` (topic_report.py).
 """
 
 from tx_jax.analysis.cluster import agglomerative
@@ -22,3 +23,6 @@ from tx_jax.analysis.report import representatives
 from tx_jax.analysis.report import save_map
 from tx_jax.analysis.report import tfidf_kmeans_nmi
 from tx_jax.analysis.report import top_terms
+from tx_jax.analysis.topic_model import fit_topics
+from tx_jax.analysis.topic_report import topics_report
+from tx_jax.analysis.topic_report import write_topic_report

@@ -132,12 +132,12 @@ def embed_records(params, source, collate, embed_fn, *, batch_size: int = 64,
   return Embedded(out, indices, truncated, time.perf_counter() - t0)
 
 
-def embed_source(trained, source, *, layer: str | None = None, pooling: str = "mean",
+def embed_source(trained, source, *, layer: str | None = None, pooling: str | None = None,
                  batch_size: int = 64, seq_len: int | None = None, indices=None, mesh=None,
                  progress: bool = True, callback=None) -> Embedded:
   """Embeds `source` with a loaded model through its objective's embedding hooks;
   layer None: the objective's default (a text model's final hidden states)."""
-  layer, _, seq_len = trained.objective.embed_setup(trained.config, layer, pooling, seq_len)
+  layer, pooling, seq_len = trained.objective.embed_setup(trained.config, layer, pooling, seq_len)
   result = embed_with_objective(trained, source, layer=layer, pooling=pooling,
                                 batch_size=batch_size, indices=indices, mesh=mesh,
                                 progress=progress, callback=callback)
@@ -211,8 +211,20 @@ def write_npz(path: str, result: Embedded, source, meta: dict,
   return arrays
 
 
+def _check_out_dir(out_path: str):
+  """UserError now, before the model loads, if out_path's directory cannot be made."""
+  parent = os.path.dirname(os.path.abspath(out_path))
+  while not os.path.isdir(parent):
+    if os.path.lexists(parent):
+      raise UserError(f"--out {out_path!r}: {parent!r} is not a directory; pick another path")
+    parent = os.path.dirname(parent)
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f"--out {out_path!r}: cannot create files under {parent!r} (not "
+                    "writable); pick another path")
+
+
 def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None = None,
-                  pooling: str = "mean", batch_size: int = 64, seq_len: int | None = None,
+                  pooling: str | None = None, batch_size: int = 64, seq_len: int | None = None,
                   sample: int | None = None, seed: int = 0, progress: bool = True,
                   callback=None) -> dict:
   """`tx-jax embed`: the newest checkpoint of workdir over data spec -> out_path (.npz).
@@ -221,6 +233,7 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None =
   """
   if not out_path.endswith(".npz"):
     raise UserError(f"--out {out_path!r} must end in .npz")
+  _check_out_dir(out_path)
   mesh = embed_mesh()
   trained = load_trained(workdir, mesh=mesh)
   objective = trained.objective
@@ -229,11 +242,12 @@ def embed_workdir(workdir: str, spec: str, out_path: str, *, layer: str | None =
     raise UserError(f"data {spec!r} has no documents; give a non-empty dataset")
   indices = sample_indices(len(source), sample, seed)
   layer, applied, seq = objective.embed_setup(trained.config, layer, pooling, seq_len)
-  result = embed_with_objective(trained, source, layer=layer, pooling=pooling,
+  result = embed_with_objective(trained, source, layer=layer, pooling=applied,
                                 batch_size=batch_size, indices=indices, mesh=mesh,
                                 progress=progress, callback=callback)
   meta = {"workdir": os.path.abspath(workdir), "step": int(trained.step), "data": spec,
           "objective": trained.config.objective, "layer": layer, "pooling": applied,
+          "normalized": bool(objective.embed_normalized),
           "seq_len": seq, "truncated": int(result.truncated)}
   write_npz(out_path, result, source, meta)
   n, dim = result.embeddings.shape

@@ -30,7 +30,17 @@ def special_id(tokenizer: Tokenizer, name: str, purpose: str) -> int:
 
 
 def regular_vocab(tokenizer: Tokenizer) -> int:
-  return min(tokenizer.special_ids.values(), default=tokenizer.vocab_size)
+  """How many regular (non-special) token ids the tokenizer has."""
+  return tokenizer.vocab_size - len(set(tokenizer.special_ids.values()))
+
+
+def regular_ids(tokenizer: Tokenizer) -> np.ndarray | None:
+  """The regular token ids when the specials are not the last ids (Hugging Face
+  vocabularies: BERT's [PAD] is 0, [MASK] 103), else None (ids < regular_vocab)."""
+  specials = set(tokenizer.special_ids.values())
+  if specials == set(range(tokenizer.vocab_size - len(specials), tokenizer.vocab_size)):
+    return None
+  return np.asarray([i for i in range(tokenizer.vocab_size) if i not in specials], np.int32)
 
 
 class _FlattenPieces(grain_exp.FlatMapTransform):

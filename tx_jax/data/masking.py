@@ -12,7 +12,8 @@ import numpy as np
 
 def bert_mask(tokens: np.ndarray, maskable: np.ndarray, rng: np.random.Generator, *,
               mask_id: int, num_regular: int, mask_rate: float = 0.15,
-              mask_token_rate: float = 0.8, random_token_rate: float = 0.1):
+              mask_token_rate: float = 0.8, random_token_rate: float = 0.1,
+              regular_ids: np.ndarray | None = None):
   """BERT's masking of `tokens` (any shape) at the `maskable` positions.
 
   Each maskable token is selected with probability `mask_rate`. A selected
@@ -20,10 +21,14 @@ def bert_mask(tokens: np.ndarray, maskable: np.ndarray, rng: np.random.Generator
   random regular token (id < num_regular, possibly itself) with probability
   `random_token_rate`, and stays unchanged otherwise (Devlin et al. 2019:
   0.15, 0.8, 0.1). Returns (inputs, selected); the loss uses `selected` only.
+  `regular_ids` (when the specials are not the vocabulary's last ids, as in
+  Hugging Face's BERT) lists the regular tokens; num_regular is then its length.
   """
   selected = (rng.random(tokens.shape) < mask_rate) & maskable
   how = rng.random(tokens.shape)
   random_ids = rng.integers(0, num_regular, tokens.shape)
+  if regular_ids is not None:
+    random_ids = regular_ids[random_ids]
   inputs = np.where(selected & (how < mask_token_rate), mask_id, tokens)
   use_random = selected & (how >= mask_token_rate) & (how < mask_token_rate + random_token_rate)
   inputs = np.where(use_random, random_ids, inputs)

@@ -23,8 +23,8 @@ import grain
 import numpy as np
 
 from tx_jax.data import masking
-from tx_jax.data.denoising import (EVAL_SEED, eval_iterable, iterate, map_seed, regular_vocab,
-                                   special_id, train_docs)
+from tx_jax.data.denoising import (EVAL_SEED, eval_iterable, iterate, map_seed, regular_ids,
+                                   regular_vocab, special_id, train_docs)
 from tx_jax.data.pipeline import LMIterator, _check_sizes
 from tx_jax.data.sources import TextSource
 from tx_jax.data.tokenizers import Tokenizer
@@ -62,6 +62,7 @@ class _MaskedLMPieces:
   def __init__(self, tokenizer: Tokenizer, seq_len: int, settings: MaskedLMSettings):
     self.tokenizer, self.seq_len, self.s = tokenizer, seq_len, settings
     self.body = seq_len - (3 if settings.sentence_order else 2)
+    self.regular_ids = regular_ids(tokenizer)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> list[dict]:
     tokens = np.asarray(self.tokenizer.encode(record["text"]), np.int32)
@@ -90,6 +91,7 @@ class _MaskedLMPieces:
       maskable[len(first) + 1] = False
     inputs, selected = masking.bert_mask(
         tokens, maskable, rng, mask_id=s.mask_id, num_regular=s.num_regular,
+        regular_ids=self.regular_ids,
         mask_rate=s.mask_rate, mask_token_rate=s.mask_token_rate,
         random_token_rate=s.random_token_rate)
     labels = np.zeros(len(tokens), np.int32)

@@ -1,56 +1,31 @@
-"""Tokenizers: raw UTF-8 bytes, or a SentencePiece model with byte fallback.
+"""Tokenizers: raw UTF-8 bytes, a SentencePiece model with byte fallback, or a
+Hugging Face tokenizer.json (`tx_jax.data.hf_tokenizer.HFTokenizer`).
 
-Both share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
+All share one interface (`Tokenizer`). Special tokens (`<pad>`, `<mask>`, ...)
 get ids after the base vocabulary, in the order given, so a tokenizer with no
 specials has exactly the base vocabulary (256 for bytes). Specials are never
 produced by `encode` (text that spells "<mask>" is encoded as ordinary text);
 objectives insert them by id.
 
 A tokenizer is saved into a directory as `tokenizer.json` (+ `tokenizer.model`
-for SentencePiece) and read back with `load_tokenizer`.
+for SentencePiece, + `hf_tokenizer.json` for Hugging Face) and read back with
+`load_tokenizer`, which also reads a Hugging Face model directory's own
+tokenizer.json.
 """
 
 from collections.abc import Iterable, Sequence
-import hashlib
 import json
+import io
 import os
 import re
 
 import numpy as np
 
-from tx_jax.errors import UserError
+from tx_jax.data.tokenizer_base import Tokenizer, hash_parts
+from tx_jax.errors import UserError, io_operation
 
 _CONFIG_FILE = "tokenizer.json"
 _SPM_FILE = "tokenizer.model"
-
-
-class Tokenizer:
-  """Common interface; see `ByteTokenizer` and `SentencePieceTokenizer`."""
-
-  vocab_size: int
-  special_ids: dict[str, int]
-
-  def encode(self, text: str) -> list[int]:
-    raise NotImplementedError
-
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text for `ids`; specials decode to "", invalid ids/bytes to U+FFFD."""
-    raise NotImplementedError
-
-  def token_byte_lengths(self) -> np.ndarray:
-    """int32 [vocab_size]: UTF-8 bytes each token stands for (0 for specials).
-
-    Summing it over the target tokens gives the byte count that turns a loss
-    in nats/token into bits per byte, whatever the tokenizer.
-    """
-    raise NotImplementedError
-
-  def fingerprint(self) -> str:
-    """Short stable hash of the vocabulary (checkpoint compatibility checks)."""
-    raise NotImplementedError
-
-  def save(self, directory: str) -> None:
-    raise NotImplementedError
 
 
 def _check_specials(specials: Sequence[str]) -> tuple[str, ...]:
@@ -58,14 +33,6 @@ def _check_specials(specials: Sequence[str]) -> tuple[str, ...]:
   if len(set(specials)) != len(specials):
     raise UserError(f"duplicate special tokens in {list(specials)}; list each once")
   return specials
-
-
-def _hash(*parts: bytes) -> str:
-  h = hashlib.sha256()
-  for part in parts:
-    h.update(part)
-    h.update(b"\0")
-  return h.hexdigest()[:16]
 
 
 class ByteTokenizer(Tokenizer):
@@ -97,7 +64,7 @@ class ByteTokenizer(Tokenizer):
     return lengths
 
   def fingerprint(self) -> str:
-    return _hash(b"byte", json.dumps(self.specials).encode())
+    return hash_parts(b"byte", json.dumps(self.specials).encode())
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -180,7 +147,7 @@ class SentencePieceTokenizer(Tokenizer):
     return lengths
 
   def fingerprint(self) -> str:
-    return _hash(b"spm", self._proto, json.dumps(self.specials).encode())
+    return hash_parts(b"spm", self._proto, json.dumps(self.specials).encode())
 
   def save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
@@ -236,6 +203,9 @@ def train_sentencepiece(
     raise UserError(
         f"unknown SentencePiece model_type '{model_type}'; use unigram, bpe, "
         "char or word")
+  if isinstance(vocab_size, bool) or not 1 <= int(vocab_size) <= 2**31 - 1:
+    raise UserError(f"vocab size {vocab_size} is out of range; give a positive --vocab-size "
+                    "(a few thousand pieces suit most corpora)")
   max_chars = 4096
   sentences = [s for s in _training_sentences(texts, max_chars) if s]
   if not sentences:
@@ -243,11 +213,13 @@ def train_sentencepiece(
         "cannot train a tokenizer on an empty corpus; point --data at a "
         "source with some text")
   out_dir = os.path.dirname(os.path.abspath(out_prefix))
-  os.makedirs(out_dir, exist_ok=True)
+  with io_operation("creating the tokenizer directory", out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+  model = io.BytesIO()  # SentencePiece's own file writer ignores a full disk
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
-        model_prefix=out_prefix,
+        model_writer=model,
         vocab_size=int(vocab_size),
         model_type=model_type,
         byte_fallback=True,
@@ -258,9 +230,28 @@ def train_sentencepiece(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:
     raise UserError(_explain_spm_error(str(e), vocab_size)) from None
+  proto = model.getvalue()
+  sp = spm.SentencePieceProcessor(model_proto=proto)
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+  _write_atomically(out_prefix + ".model", proto, "writing the SentencePiece model")
+  _write_atomically(out_prefix + ".vocab", vocab.encode("utf-8"), "writing the SentencePiece vocab")
   return SentencePieceTokenizer(out_prefix + ".model", specials)
+
+
+def _write_atomically(path: str, data: bytes, operation: str):
+  """path's bytes replaced whole (tmp file + rename); an IOFailure leaves no partial file."""
+  tmp = path + ".tmp"
+  with io_operation(operation, path):
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+      os.replace(tmp, path)
+    except OSError:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 def _explain_spm_error(message: str, vocab_size: int) -> str:
@@ -287,21 +278,29 @@ def train_on_spec(spec: str, vocab_size: int, prefix: str) -> dict:
 
 
 def make_tokenizer(spec: str, specials: Sequence[str] = ()) -> Tokenizer:
-  """`"byte"` or `"spm:/path/to/prefix.model"`."""
+  """`"byte"`, `"spm:/path/to/prefix.model"` or `"hf:/path/to/tokenizer.json"`."""
   if spec == "byte":
     return ByteTokenizer(specials)
   if spec.startswith("spm:"):
     return SentencePieceTokenizer(os.path.expanduser(spec[4:]), specials)
+  if spec.startswith("hf:"):
+    from tx_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer.from_file(os.path.expanduser(spec[3:]), specials)
   raise UserError(
-      f"unknown tokenizer '{spec}'; use 'byte' or 'spm:/path/to/PREFIX.model'")
+      f"unknown tokenizer '{spec}'; use 'byte', 'spm:/path/to/PREFIX.model' or "
+      "'hf:/path/to/tokenizer.json'")
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Reads a tokenizer written by `Tokenizer.save(directory)`."""
+  """Reads a tokenizer written by `Tokenizer.save(directory)`, or a Hugging Face
+  model directory's tokenizer.json."""
   path = os.path.join(directory, _CONFIG_FILE)
   try:
     with open(path) as f:
       config = json.load(f)
+    if isinstance(config, dict) and "model" in config and "type" not in config:
+      from tx_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+      return HFTokenizer.from_file(path)
     kind, specials = config["type"], config.get("specials", [])
   except FileNotFoundError:
     raise UserError(
@@ -316,5 +315,8 @@ def load_tokenizer(directory: str) -> Tokenizer:
   if kind == "spm":
     return SentencePieceTokenizer(
         os.path.join(directory, config.get("model", _SPM_FILE)), specials)
+  if kind == "hf":
+    from tx_jax.data.hf_tokenizer import HF_FILE, HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer.from_file(os.path.join(directory, config.get("file", HF_FILE)), specials)
   raise UserError(
-      f"unknown tokenizer type '{kind}' in '{path}'; expected byte or spm")
+      f"unknown tokenizer type '{kind}' in '{path}'; expected byte, spm or hf")

@@ -20,6 +20,9 @@ import numpy as np
 Array = jax.Array
 P = nn.with_logical_partitioning
 DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+# "gelu" is the tanh approximation (GPT-2's "gelu_new"); "gelu_exact" the erf form (BERT, ViT).
+ACTIVATIONS = {"gelu": nn.gelu, "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+               "relu": nn.relu, "silu": nn.silu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,7 @@ class TransformerConfig:
   norm: str = "layernorm"        # layernorm | rmsnorm
   norm_eps: float = 1e-6
   pre_norm: bool = True          # False: post-LN (original Transformer / BERT)
-  activation: str = "gelu"       # gelu | relu | silu
+  activation: str = "gelu"       # gelu (tanh approximation) | gelu_exact (erf) | relu | silu
   gated_mlp: bool = False        # GLU-style MLP (e.g. SwiGLU with silu)
   use_bias: bool = True
   tie_embeddings: bool = True
@@ -53,6 +56,8 @@ class TransformerConfig:
   scan_layers: bool = False
   remat: str = "none"            # none | full | dots (save matmul outputs)
   attention_impl: str = ""       # "" (let JAX choose) | xla | cudnn
+  attention_scale: float = 0.0   # logit scale; 0 = 1/sqrt(head dim); T5 uses 1 (folded into init)
+  scale_tied_readout: bool = False  # T5 v1.0: hidden states * d_model**-0.5 before a tied readout
 
   @property
   def kv_heads(self) -> int:
@@ -81,7 +86,7 @@ class TransformerConfig:
     if self.positions == "rope" and self.dim_per_head % 2:
       raise ValueError("rotary positions need an even head dimension")
     choices = dict(positions=("learned", "rope", "relative", "none"),
-                   norm=("layernorm", "rmsnorm"), activation=("gelu", "relu", "silu"),
+                   norm=("layernorm", "rmsnorm"), activation=tuple(ACTIVATIONS),
                    remat=("none", "full", "dots"), dtype=("float32", "bfloat16"),
                    param_dtype=("float32", "bfloat16"),
                    attention_impl=("", "xla", "cudnn"))
@@ -225,7 +230,8 @@ class Attention(nn.Module):
 
     out = jax.nn.dot_product_attention(
         q, key, value, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-        implementation=cfg.attention_impl or None)                         # (B, T, N, H)
+        scale=cfg.attention_scale or None,
+        implementation=cfg.attention_impl or None)                           # (B, T, N, H)
     out = constrain(out, ("act_batch", "act_len", "act_heads", "act_kv"))
     return Projection(cfg, (cfg.d_model,), ("heads", "kv", "embed"), "btnh,nhd->btd",
                       name="out")(out)
@@ -258,7 +264,7 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.cfg
-    act = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu}[cfg.activation]
+    act = ACTIVATIONS[cfg.activation]
     dense = lambda feats, names, name: Projection(cfg, (feats,), names, "...d,df->...f",
                                                   name=name)
     h = act(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x))                  # (B, T, F)
@@ -365,6 +371,8 @@ class Embedder(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """Logits against the token embedding (tied readout): (B, T, V)."""
+    if self.cfg.scale_tied_readout:
+      x = x * self.cfg.d_model ** -0.5
     return self.tokens.attend(x)
 
 

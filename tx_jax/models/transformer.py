@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tx_jax.models.layers import (Embedder, Projection, Readout, RelativePositionBias, Stack,
-                                  TransformerConfig, attention_mask, default_positions,
-                                  make_norm)
+from tx_jax.models.layers import (ACTIVATIONS, Embedder, Projection, Readout,
+                                  RelativePositionBias, Stack, TransformerConfig, attention_mask,
+                                  default_positions, make_norm)
 
 Array = jax.Array
 
@@ -109,7 +109,7 @@ class Encoder(nn.Module):
   padded positions never influence real ones. `out["pre_logits"]` is the
   final hidden state (B, T, D) used for embeddings and classification.
 
-  mlm_head: BERT's transform (dense, gelu, norm) before the tied readout, plus
+  mlm_head: BERT's transform (dense, cfg.activation, norm) before the tied readout, plus
     an output bias. sentence_head: BERT's pooler (dense, tanh) and a 2-way
     classifier, applied at every position: `out["sentence_logits"]` (B, T, 2);
     losses read it at the [CLS] positions.
@@ -147,7 +147,7 @@ class Encoder(nn.Module):
                                     "...d,de->...e", name=name)
     y = h
     if self.mlm_head:
-      y = make_norm(cfg, "mlm_norm")(nn.gelu(dense("mlm_dense")(h)))
+      y = make_norm(cfg, "mlm_norm")(ACTIVATIONS[cfg.activation](dense("mlm_dense")(h)))
     logits = embedder.attend(y) if cfg.tie_embeddings else Readout(cfg, name="readout")(y)
     if self.mlm_head:
       logits = logits + self.param("mlm_bias", nn.with_logical_partitioning(

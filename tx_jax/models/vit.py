@@ -162,15 +162,17 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
   return max(1, int(round((1.0 - mask_ratio) * num_patches)))
 
 
-def random_masking(rng: Array, batch: int, num_patches: int, mask_ratio: float):
-  """Per-example random masking by shuffle.
+def random_masking(rng: Array | None, batch: int, num_patches: int, mask_ratio: float,
+                   noise: Array | None = None):
+  """Per-example random masking by shuffle of `noise` (B, N), drawn from `rng` if not given.
 
   Returns ids_keep (B, K) int32 (visible patches, in shuffled order), mask
   (B, N) float32 with 1 = masked, and ids_restore (B, N) int32 that puts the
   shuffled sequence back in grid order.
   """
   keep = num_kept(num_patches, mask_ratio)
-  noise = jax.random.uniform(rng, (batch, num_patches))
+  if noise is None:
+    noise = jax.random.uniform(rng, (batch, num_patches))
   ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)                 # (B, N)
   ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
   shuffled_mask = (jnp.arange(num_patches) >= keep).astype(jnp.float32)      # (N,)
@@ -304,7 +306,8 @@ class MAE(nn.Module):
   """Masked autoencoder: images (B, H, W, C) -> (pixel predictions (B, N, P·P·C), out).
 
   The mask comes from the "mask" RNG stream (one noise draw per example), so
-  it is fixed by the rng the caller passes. `out` holds the encoder's named
+  it is fixed by the rng the caller passes, or from an explicit `noise` (B, N):
+  the patches with the K smallest values stay visible. `out` holds the encoder's named
   intermediates plus "mask" (B, N) (1 = masked), "ids_keep" (B, K) and
   "decoder_hidden" (B, N, Dd), the decoder's final states per patch.
   `encode` runs the encoder on every patch (no masking) for features.
@@ -319,10 +322,12 @@ class MAE(nn.Module):
     self.pixel_decoder = MAEDecoder(self.decoder, self.vit)
 
   def __call__(self, images: Array, *, deterministic: bool = True,
-               mask_ratio: float | None = None) -> tuple[Array, dict[str, Array]]:
+               mask_ratio: float | None = None, noise: Array | None = None
+               ) -> tuple[Array, dict[str, Array]]:
     ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-    ids_keep, mask, ids_restore = random_masking(self.make_rng("mask"), images.shape[0],
-                                                 self.vit.num_patches, ratio)
+    rng = self.make_rng("mask") if noise is None else None
+    ids_keep, mask, ids_restore = random_masking(rng, images.shape[0], self.vit.num_patches,
+                                                 ratio, noise)
     _, out = self.encoder(images, ids_keep=ids_keep, deterministic=deterministic)
     pred, hidden = self.pixel_decoder(out["encoded"], ids_restore, deterministic)
     out.update(mask=mask, ids_keep=ids_keep, decoder_hidden=hidden)

@@ -210,10 +210,12 @@ class Objective:
     """The records `tx-jax embed` reads from a data spec."""
     raise UserError(f"{type(self).__name__} models do not embed data")
 
-  def embed_setup(self, config, layer: str | None, pooling: str, seq_len: int | None):
-    """Checks and resolves the embedding options before anything runs:
-    -> (layer, pooling as applied, seq_len or None)."""
-    return layer or "pre_logits", pooling, None
+  embed_normalized: bool = False  # embeddings are L2-normalised (set by embed_setup)
+
+  def embed_setup(self, config, layer: str | None, pooling: str | None, seq_len: int | None):
+    """Checks and resolves the embedding options (None: the model's default) before
+    anything runs: -> (layer, pooling as applied, seq_len or None)."""
+    return layer or "pre_logits", pooling or "mean", None
 
   def embed_collate(self, records):
     """Records -> a batch of numpy arrays, or (batch, documents truncated)."""

@@ -251,7 +251,7 @@ class MAEObjective(Objective):
     """(layer, pooling as applied, None): for "pre_logits" the model's own pooling
     ("model:cls" token or "model:mean" of the patches), whatever `pooling` asked."""
     layer = layer or "pre_logits"
-    return layer, f"model:{self.vit.pooling}" if layer == "pre_logits" else pooling, None
+    return layer, f"model:{self.vit.pooling}" if layer == "pre_logits" else pooling or "mean", None
 
   def patch_stats_inputs(self, params, images, rng):
     """Decoder states (B, N, Dd), mask (B, N) and each patch's pixel mean and std (B, N, 2)."""

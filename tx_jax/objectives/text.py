@@ -295,6 +295,11 @@ class TextObjective(Objective):
     return "pre_logits" if "pre_logits" in layers else "encoded"
 
   def embed_setup(self, config, layer, pooling, seq_len):
+    """Defaults: the final hidden states, the workdir's `embed.pooling` (an imported
+    sentence encoder's own) or mean; L2-normalised when `embed.normalize`."""
+    defaults = config.get("embed") or {}
+    pooling = pooling or defaults.get("pooling", "mean")
+    self.embed_normalized = bool(defaults.get("normalize", False))
     max_len = config.model.max_len
     seq_len = int(seq_len or config.data.get("seq_len", max_len))
     if not 1 <= seq_len <= max_len:
@@ -313,4 +318,7 @@ class TextObjective(Objective):
 
   def embed_batch(self, params, batch, layer: str, pooling: str):
     out = text_forward(self.model)(params, batch["tokens"], batch["segment_ids"])
-    return pool(out[layer], batch["segment_ids"], pooling)
+    x = pool(out[layer], batch["segment_ids"], pooling)                      # (B, D)
+    if self.embed_normalized:
+      x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return x

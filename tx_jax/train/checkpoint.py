@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -38,13 +39,49 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tx_jax.errors import UserError
+from tx_jax.errors import IOFailure, UserError, describe_io_error, is_io_error
 
 MANIFEST = "manifest.json"
 REJECTED_DIR_SUFFIX = "_rejected"
 # Architecture fields that change how a model runs but not what it is; a
 # checkpoint may be resumed or evaluated with them changed.
 RUNTIME_MODEL_FIELDS = frozenset({"dtype", "remat", "attention_impl", "dropout_rate"})
+
+
+class _QuietOrbaxIOErrors(logging.Filter):
+  """Drops orbax's own log lines about a failed write: the run reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+      return True
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-except
+      return True
+    return not any(s in message for s in ("os_error_code", "No space left", "Failed to run",
+                                          "failed.", "Disk quota"))
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxIOErrors())
+
+
+def _quiet_closed_loop_hook(previous):
+  """sys.excepthook that drops 'Event loop is closed' from tensorstore's callbacks.
+
+  When one write of a save fails (a full disk), orbax closes its event loop while
+  tensorstore still completes the step's other writes; each completion prints that
+  traceback. The failed save itself is reported in one line (see _fail_save).
+  """
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+  hook.tx_jax_quiet = True
+  return hook
+
+
+if not getattr(sys.excepthook, "tx_jax_quiet", False):
+  sys.excepthook = _quiet_closed_loop_hook(sys.excepthook)
 
 
 @dataclasses.dataclass
@@ -77,11 +114,14 @@ class Checkpointer:
     self.read_only = read_only
     self._sealer: threading.Thread | None = None
     self._seal_error: BaseException | None = None
+    # Orbax would remove them in a background thread, which races with the removal
+    # of a failed first run's workdir; here it happens before anything else.
+    self._remove_tmp_dirs()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(  # (orbax's read_only mode logs warnings)
             create=not read_only, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=not read_only,
+            cleanup_tmp_directories=False,
             preservation_policy=_KeepNewestSealed(keep, self.is_sealed)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
@@ -138,9 +178,11 @@ class Checkpointer:
     """(newest step that verifies or None, newer steps that failed).
 
     Warns in one stderr line when steps were passed over; raises UserError when
-    steps exist but none verifies. Every process gets process 0's answer.
+    steps exist but none verifies, except in a writable run where none was ever
+    sealed (a kill during the first save): those are all returned as rejected,
+    so training starts over. Every process gets process 0's answer.
     """
-    good, reasons = None, []
+    good, reasons, unsealed_only = None, [], True
     if jax.process_index() == 0:
       for step in reversed(self.steps()):
         reason = self.verify(step)
@@ -148,13 +190,21 @@ class Checkpointer:
           good = step
           break
         reasons.append(f"step {step}: {reason}")
-    if jax.process_count() > 1:  # -1: no steps at all; -2: none verifies
+        unsealed_only = unsealed_only and not self.is_sealed(step)
+    if jax.process_count() > 1:  # -1: no steps at all; -2: none verifies; -3: none sealed
       from jax.experimental import multihost_utils
-      code = good if good is not None else (-2 if reasons else -1)
+      code = good if good is not None else (
+          -1 if not reasons else -3 if unsealed_only else -2)
       code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
       good = code if code >= 0 else None
-      if code == -2 and not reasons:
+      unsealed_only = code == -3
+      if code in (-2, -3) and not reasons:
         reasons = ["see process 0"]
+    if reasons and good is None and unsealed_only and not self.read_only:
+      # Killed during the very first save: nothing was ever complete, so start over.
+      sys.stderr.write(f"tx-jax: warning: skipping checkpoint {'; '.join(reasons)}; "
+                       f"starting from step 0\n")
+      return None, self.steps()
     if reasons and good is None:
       raise UserError(f"no intact checkpoint in {self.directory} ({'; '.join(reasons)}); "
                       f"move the directory away to start over, or use a new --workdir")
@@ -218,12 +268,21 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
     """Starts saving `step` (async if enabled); it is sealed once orbax finalises it.
 
-    `data_iterator` is a grain DatasetIterator; its state is written now.
+    `data_iterator` is a grain DatasetIterator; its state is written now. None
+    (an imported model's step 0) writes no data position: a run from such a
+    step starts its data from the beginning.
     """
     self.wait()
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), force=force)
+    self._needs_bytes = self._size_estimate(state)
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+          **({} if data_iterator is None else
+             {"data": grain.checkpoint.CheckpointSave(data_iterator)})), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      if is_io_error(e):
+        self._fail_save(step, e)
+      raise
     if saved:
       self._sealer = threading.Thread(target=self._finish_and_seal, args=(step,),
                                       name=f"seal_checkpoint_{step}", daemon=True)
@@ -236,7 +295,7 @@ class Checkpointer:
       if jax.process_index() == 0:
         _write_manifest(self.step_dir(step))
     except BaseException as e:  # re-raised in the main thread by wait()
-      self._seal_error = e
+      self._seal_error = (step, e)
 
   def restore(self, step: int, abstract_state, data_iterator=None) -> tuple[Any, dict]:
     """(state, meta) of `step`, onto the shardings carried by `abstract_state`'s leaves.
@@ -261,18 +320,61 @@ class Checkpointer:
       self._sealer.join()
       self._sealer = None
     if self._seal_error is not None:
-      error, self._seal_error = self._seal_error, None
+      (step, error), self._seal_error = self._seal_error, None
+      if is_io_error(error):
+        self._fail_save(step, error)
       raise error
+
+  # --- Failed saves (disk full, I/O errors) ---------------------------------------
+
+  def _size_estimate(self, state) -> int:
+    """Bytes the next step takes: the newest sealed step's files, else the state's arrays."""
+    for step in reversed(self.steps()):
+      try:
+        with open(os.path.join(self.step_dir(step), MANIFEST)) as f:
+          return sum(int(e["size"]) for e in json.load(f)["files"].values())
+      except (OSError, ValueError, KeyError, TypeError):
+        continue
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))
+
+  def _fail_save(self, step: int, error: BaseException):
+    """Removes what the failed save of `step` left and raises one IOFailure line."""
+    try:
+      self.manager.wait_until_finished()  # let orbax's other writes end before removing
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if name == str(step) or name.startswith(f"{step}{ocp.step.TMP_DIR_SUFFIX}"):
+          path = os.path.join(self.directory, name)
+          if name != str(step) or not self.is_sealed(step):
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+      self.manager.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    sealed = [s for s in self.steps() if s != step and self.is_sealed(s)]
+    kept = ("the partial step was removed; the newest sealed checkpoint, step "
+            f"{max(sealed)}, is intact" if sealed else
+            "the partial step was removed; no checkpoint had been sealed yet")
+    raise IOFailure(describe_io_error(error, f"saving checkpoint step {step} to",
+                                      self.step_dir(step), getattr(self, "_needs_bytes", None),
+                                      kept)) from None
 
   def close(self):
     try:
       self.wait()
     finally:
       self.manager.close()
-      if not self.read_only and jax.process_index() == 0 and os.path.isdir(self.directory):
-        for name in os.listdir(self.directory):  # left by an exception inside a save
-          if ocp.step.TMP_DIR_SUFFIX in name:
-            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      self._remove_tmp_dirs()  # left by an exception inside a save
+
+  def _remove_tmp_dirs(self):
+    """Removes orbax's temporary step directories (saves that never completed)."""
+    if self.read_only or jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if ocp.step.TMP_DIR_SUFFIX in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
 
 def abstract_with_shardings(shapes, shardings):

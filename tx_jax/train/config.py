@@ -100,6 +100,8 @@ def check_config(config):
       raise UserError(f"train.{key} must be an integer, got {t[key]!r}")
     if t[key] <= 0:
       raise UserError(f"train.{key} must be positive, got {t[key]}")
+    if t[key] > _MAX_SIZE:
+      raise UserError(f"train.{key}={t[key]} is out of range; it must be at most {_MAX_SIZE}")
   if config.optim.accumulate_steps <= 0 or t.batch_size % config.optim.accumulate_steps:
     raise UserError(f"train.batch_size={t.batch_size} must be a multiple of "
                     f"optim.accumulate_steps={config.optim.accumulate_steps}")
@@ -113,10 +115,60 @@ def check_config(config):
   _check_choice(t, "train", "nonfinite", ("skip", "stop"))
   if t.get("max_consecutive_skips", 1) < 1:
     raise UserError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+  if not 0 <= t.get("seed", 0) < 2**32:
+    raise UserError(f"train.seed must be in [0, 2**32), got {t.seed}")
+  _check_ranges(config)
   _check_choice(config.data, "data", "over_length", ("chunk", "truncate"))
   _check_choice(config.data, "data", "invalid_utf8", ("error", "replace", "skip"))
   if config.data.get("max_doc_len", 0) < 0:
     raise UserError(f"data.max_doc_len must be >= 0 (0: no limit), got {config.data.max_doc_len}")
+
+
+# Range checks for sizes and coefficients, so a hostile value (0, -1, 2**64, NaN)
+# is named here instead of failing as a shape or overflow error inside JAX.
+_MAX_SIZE = 2**31 - 1
+_INT_RANGES = {  # key: smallest allowed value (the largest is _MAX_SIZE)
+    "model.num_layers": 1, "model.d_model": 1, "model.num_heads": 1, "model.mlp_dim": 1,
+    "model.max_len": 1, "model.vocab_size": 1, "model.head_dim": 0, "model.num_kv_heads": 0,
+    "model.num_encoder_layers": 0, "model.type_vocab_size": 0, "model.relative_buckets": 1,
+    "model.relative_max_distance": 1, "model.image_size": 1, "model.patch_size": 1,
+    "model.channels": 1, "data.seq_len": 1, "data.eval_batches": 0, "data.shards": 0,
+    "optim.warmup_steps": 0, "optim.accumulate_steps": 1, "train.seed": 0,
+    "train.max_consecutive_skips": 1}
+_FLOAT_RANGES = {  # key: (low, high, low inclusive, high inclusive)
+    "optim.b1": (0.0, 1.0, True, False), "optim.b2": (0.0, 1.0, True, False),
+    "optim.eps": (0.0, math.inf, False, False), "optim.clip_norm": (0.0, math.inf, True, False),
+    "optim.weight_decay": (0.0, math.inf, True, False),
+    "optim.min_lr_ratio": (0.0, 1.0, True, True), "model.norm_eps": (0.0, math.inf, False, False),
+    "model.rope_base": (0.0, math.inf, False, False),
+    "model.dropout_rate": (0.0, 1.0, True, False)}
+
+
+def _lookup(config, key: str):
+  node = config
+  for name in key.split("."):
+    if not hasattr(node, "keys") or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+def _check_ranges(config):
+  for key, low in _INT_RANGES.items():
+    value = _lookup(config, key)
+    if value is None or isinstance(value, bool) or not isinstance(value, int):
+      continue
+    if not low <= value <= _MAX_SIZE:
+      raise UserError(f"{key}={value} is out of range; it must be in [{low}, {_MAX_SIZE}]")
+  for key, (low, high, low_in, high_in) in _FLOAT_RANGES.items():
+    value = _lookup(config, key)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    ok = (math.isfinite(value) and (value >= low if low_in else value > low)
+          and (value <= high if high_in else value < high))
+    if not ok:
+      raise UserError(f"{key}={value} is out of range; it must be a finite number in "
+                      f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}")
 
 
 def _check_choice(section, name: str, key: str, choices: tuple[str, ...]):
@@ -141,3 +193,13 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   except (ValueError, TypeError) as e:
     raise UserError(f"{path!r} is not a valid config ({type(e).__name__}); the workdir is "
                     "damaged: restore config.json or train in a new --workdir") from None
+
+
+def workdir_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was written with (config.json), locked like a config file's."""
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise UserError(f"--workdir {workdir!r} holds no config.json; start a new run with "
+                    "--config configs/NAME.py")
+  config = load_workdir_config(workdir)
+  config.lock()
+  return config

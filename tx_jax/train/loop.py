@@ -3,10 +3,17 @@
 config/mesh checks -> workdir -> data/model -> restore (verified, compatible)
 -> run records -> jitted steps -> loop (log, eval, checkpoint, graceful stop).
 
-What a run survives (details in checkpoint.py, preemption.py and step.py):
+What a run survives (details in checkpoint.py, preemption.py, step.py and
+workdir_lock.py):
+- A second run on the same workdir: process 0 locks it first; the second run
+  exits 2 naming the holder, and a dead holder's lock is taken over.
 - Bad input: everything a user can get wrong is checked before the workdir
   changes, and a fresh workdir whose first run fails before its first
   checkpoint is removed again, so the next run starts clean.
+- A full disk or failing filesystem: an IOFailure (exit 3) names the operation
+  and path (for a checkpoint, the room it needs); a failed save leaves no
+  partial step, the newest sealed checkpoint stays, and the same command
+  resumes from it once there is space.
 - Kills and crashes: checkpoints are sealed with a manifest and verified on
   restore; a run resumes from the newest intact one and loses only the steps
   after it, bit-identically (data-iterator state is checkpointed too).
@@ -34,11 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tx_jax import parallel
-from tx_jax.errors import UserError
+from tx_jax.errors import UserError, io_operation
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
-from tx_jax.train import preemption, step as step_lib
+from tx_jax.train import preemption, step as step_lib, workdir_lock
 from tx_jax.train.evaluate import evaluate
 from tx_jax.train.experiment import build_experiment
 from tx_jax.train.state import init_state, state_shapes
@@ -71,7 +78,7 @@ def train(config, workdir: str) -> dict:
 
   with contextlib.ExitStack() as stack:  # closed in reverse: logs, signals, checkpoints
     # --- Workdir, data and model ---------------------------------------------------
-    stack.enter_context(_removed_if_first_run_fails(workdir))
+    stack.enter_context(_locked_workdir(workdir))
     checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
         async_save=t.async_checkpoints))
@@ -100,17 +107,22 @@ def train(config, workdir: str) -> dict:
     else:
       abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), state_shardings)
       relaxed = checkpointer.check_compatible(start, abstract, exp.meta())
-      state, _ = checkpointer.restore(start, abstract, train_iter)
+      # A step-0 checkpoint (an imported model) holds no data position.
+      state, _ = checkpointer.restore(start, abstract, train_iter if start else None)
       if relaxed:
         print_main(f"resuming with changed {', '.join(relaxed)}")
 
     # --- Run records (written only now that every input checked out) --------------
     checkpointer.set_aside(rejected)  # so those steps can be written again
     if _is_main():
-      config_lib.save_json(config, os.path.join(workdir, "config.json"))
-      _write_json(os.path.join(workdir, "data_stats.json"), exp.data_stats)
+      with io_operation("writing the run's config", os.path.join(workdir, "config.json")):
+        config_lib.save_json(config, os.path.join(workdir, "config.json"))
+      with io_operation("writing data statistics", os.path.join(workdir, "data_stats.json")):
+        _write_json(os.path.join(workdir, "data_stats.json"), exp.data_stats)
       if init_report is not None:
-        _write_json(os.path.join(workdir, "init_from.json"), init_report)
+        with io_operation("writing the init_from report",
+                          os.path.join(workdir, "init_from.json")):
+          _write_json(os.path.join(workdir, "init_from.json"), init_report)
     _report_data_stats(exp.data_stats)
     if init_report is not None:
       _print_init_report(init_report)
@@ -261,8 +273,12 @@ def _raise_if_halted(skip_run: int, step: int, halt_after: int, t, checkpointer)
 
 
 @contextlib.contextmanager
-def _removed_if_first_run_fails(workdir: str):
-  """Creates workdir; if the run fails while no checkpoint exists, removes what it created."""
+def _locked_workdir(workdir: str):
+  """Creates and locks workdir; a failed first run (no checkpoint yet) leaves no trace.
+
+  Process 0 holds the lock for the job (see workdir_lock.py); if the run fails
+  while no checkpoint exists, what it created is removed before the lock goes.
+  """
   existed = os.path.isdir(workdir)
   before = set(os.listdir(workdir)) if existed else set()
   try:
@@ -271,18 +287,42 @@ def _removed_if_first_run_fails(workdir: str):
     raise UserError(f"cannot create --workdir {workdir!r}: {e.strerror or e}") from None
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise UserError(f"--workdir {workdir!r} is not writable; pick another directory")
+  lock, refused = workdir_lock.WorkdirLock(workdir), None
+  if _is_main():
+    try:
+      lock.acquire()
+    except UserError as e:
+      refused = e
+  if jax.process_count() > 1:  # every process learns process 0's answer
+    from jax.experimental import multihost_utils
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(refused is None))):
+      refused = refused or UserError(f"workdir {workdir!r} is in use (see process 0)")
+  if refused is not None:
+    raise refused
   try:
     yield
   except BaseException:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    has_steps = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
-    if _is_main() and not has_steps:
-      for name in set(os.listdir(workdir)) - before:
-        path = os.path.join(workdir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-      if not existed:
-        os.rmdir(workdir)
+    if _is_main():
+      _remove_new_entries_if_no_steps(workdir, before | {workdir_lock.LOCK_NAME})
     raise
+  finally:
+    lock.release()
+    if _is_main() and not existed and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+
+
+def _remove_new_entries_if_no_steps(workdir: str, keep: set[str]):
+  """Removes workdir entries not in `keep`, unless a checkpoint step exists."""
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+    return
+  for name in set(os.listdir(workdir)) - keep:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def _check_same_tokenizer_spec(config, workdir: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -9,6 +10,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tx_jax.errors import io_operation
 
 
 class MetricWriter:
@@ -34,30 +37,44 @@ class MetricWriter:
             kept.append(line)
         except (ValueError, KeyError):
           continue  # a line torn by a kill mid-write
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(self.path + ".tmp", self.path)
+      with io_operation("rewriting the metrics log", self.path + ".tmp"):
+        try:
+          with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+          os.replace(self.path + ".tmp", self.path)
+        except OSError:
+          with contextlib.suppress(OSError):
+            os.remove(self.path + ".tmp")
+          raise
     from tensorboardX import SummaryWriter  # TensorBoard without TensorFlow
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+    self._tb_dir = os.path.join(workdir, "tensorboard")
+    with io_operation("creating the TensorBoard log", self._tb_dir):
+      self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     record = {"step": int(step)}
     record.update({k: _plain(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, step)
+    # A line torn by a full disk is dropped on resume (see __init__).
+    with io_operation(f"appending step {step} to the metrics log", self.path):
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    with io_operation("writing the TensorBoard log", self._tb_dir):
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, step)
 
   def flush(self):
     if self._tb is not None:
-      self._tb.flush()
+      with io_operation("flushing the TensorBoard log", self._tb_dir):
+        self._tb.flush()
 
   def close(self):
     if self._tb is not None:
-      self._tb.close()
+      tb, self._tb = self._tb, None
+      with io_operation("closing the TensorBoard log", self._tb_dir):
+        tb.close()
 
 
 def _plain(v):
