@@ -58,7 +58,7 @@ def get_config(arg: str = "text") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="embedded:stdlib-docstrings", eval_source="", eval_fraction=0.2,
         tokenizer="byte", specials=SPECIALS,
-        seq_len=0,           # 0: the model's max_len
+        seq_len=64,          # tokens per document (truncated); at most model.max_len
         eval_batches=0))
   else:
     c.finetune.body = "vit"
