@@ -238,9 +238,14 @@ def write(result: dict, name: str):
     lines.append(f"| {row} | {r['accuracy']:.4f} | {r.get('macro_f1', float('nan')):.4f} | "
                  f"{r.get('step', '')} | {r.get('wall_s', '')} | {r.get('cpu_s', '')} |")
   p = result["pretrain"]
-  lines += ["", f"Pretraining: `{p['command']}` (step {p['step']}, eval/loss "
-            f"{p.get('loss', float('nan')):.4f}; wall {p.get('wall_s', '?')} s, CPU "
-            f"{p.get('cpu_s', '?')} s)."]
+  lines += ["", f"Pretraining: `{p['command']}` (used: step {p['step']}; wall "
+            f"{p.get('wall_s', '?')} s, CPU {p.get('cpu_s', 'not measured')} s"
+            + (f"; {p['note']}" if p.get("note") else "") + ")."]
+  for row, r in result["rows"].items():
+    if r.get("steps_note"):
+      lines.append(f"{row}: {r['steps_note']}.")
+  lines.append(f"Machine: {os.cpu_count()} cores shared with other jobs (load average "
+               f"{os.getloadavg()[0]:.0f} when written); wall times are not speeds.")
   with open(os.path.join(HERE, "results", f"{name}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -444,3 +444,39 @@ def test_tfds_text_sets_make_labelled_batches(name, monkeypatch, tmp_path):
     assert [obj.labels[i] for i in batch["label"][:rows]] == truth[:rows]
     if name == "imdb_reviews":
       assert obj.labels == ["neg", "pos"]
+
+
+def test_image_sets_make_labelled_batches(monkeypatch, tmp_path):
+  """tfds:cifar10 (mock data) and a folder of class subfolders, through the image path."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from PIL import Image
+  from tx_jax.objectives.classification import Classification
+  rng = np.random.default_rng(0)
+  for name in ("cat", "dog"):
+    os.makedirs(tmp_path / "pets" / name)
+    for i in range(5):
+      Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+          tmp_path / "pets" / name / f"{i}.png")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  rgb = ["model.image_size=32", "model.patch_size=8", "model.channels=3",
+         "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.25, 0.25, 0.25]"]
+  for spec, extra, names in [(f"file:{tmp_path / 'pets'}", [], ["cat", "dog"]),
+                             ("tfds:cifar10:train", rgb, None)]:
+    with tfds.testing.mock_data(num_examples=20):
+      config = classify_config(["train.batch_size=4", f"data.source={spec}", *extra], "image")
+      data = Classification.open_data(config)
+      config = Classification.complete_config(config, data)
+      obj = Classification.from_config(config, None)
+      if names:
+        assert obj.labels == names
+      batch = next(obj.train_iterator(config, data))
+      size = obj.vit.image_size
+      assert batch["image"].shape == (4, size, size, obj.vit.channels)
+      assert set(batch["label"].tolist()) <= set(range(len(obj.labels)))
+      ev = next(iter(obj.eval_batches(config, data)()))
+      truth = [labelled.label_name(data.eval, data.eval[i]["label"]) for i in range(len(data.eval))]
+      rows = int(ev["valid"].sum())
+      assert [obj.labels[i] for i in ev["label"][:rows]] == truth[:rows]
+      loss, sums = obj.loss_fn(jax.device_get(obj.init_params(jax.random.key(0))), ev,
+                               jax.random.key(0), False)
+      assert np.isfinite(float(loss)) and float(sums["count"]) == rows

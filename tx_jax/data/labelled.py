@@ -101,19 +101,32 @@ def stratified_split(source: Source, fraction: float, seed: int) -> tuple[Source
           IndexSource(source, held, f"{source.name}[eval]"))
 
 
-def label_vocabulary(train: Source, min_classes: int = 2) -> tuple[list[str], list[int]]:
-  """(sorted label names, training count of each) of a training source."""
-  names = all_labels(train)
-  distinct = set(names)
-  numeric = all(re.fullmatch(r"-?\d+", v) for v in distinct)
-  vocab = sorted(distinct, key=int) if numeric else sorted(distinct)
+def label_vocabulary(train: Source, min_classes: int = 2) -> list[str]:
+  """The label names of a training source: its dataset's own class list when it has one
+  (TFDS ClassLabel, image folders, a file's distinct labels), else the sorted distinct
+  labels it holds (numbers in numeric order)."""
+  if not train.has_labels:
+    raise UserError(f"{train.name} has no labels; classification needs a 'label' column "
+                    "(csv / jsonl) or a labelled dataset")
+  if isinstance(train.label_names, list):
+    vocab = [str(v) for v in train.label_names]
+  else:
+    distinct = set(all_labels(train))
+    numeric = all(re.fullmatch(r"-?\d+", v) for v in distinct)
+    vocab = sorted(distinct, key=int) if numeric else sorted(distinct)
   if len(vocab) < min_classes:
     raise UserError(f"{train.name} has a single class ({vocab[0]!r}); a classifier needs "
                     f"at least {min_classes} labels")
-  counts = {v: 0 for v in vocab}
-  for n in names:
-    counts[n] += 1
-  return vocab, [counts[v] for v in vocab]
+  return vocab
+
+
+def label_counts(source: Source, vocab: list[str]) -> list[int]:
+  """How many records of `source` carry each label of `vocab` (reads every label)."""
+  counts = dict.fromkeys(vocab, 0)
+  for name in all_labels(source):
+    if name in counts:
+      counts[name] += 1
+  return [counts[v] for v in vocab]
 
 
 def check_labels(source: Source, vocab: list[str]):

@@ -349,8 +349,7 @@ class Classification(TextObjective):
     the eval set checked against it."""
     config = ml_collections.ConfigDict(config.to_dict())
     if not list(config.get("labels") or []):
-      vocab, _ = labelled.label_vocabulary(data.train)
-      config.labels = vocab
+      config.labels = labelled.label_vocabulary(data.train)
     labelled.check_labels(data.eval, list(config.labels))
     return config
 
@@ -413,9 +412,7 @@ class Classification(TextObjective):
 
   def _resolve_weights(self, data: Data):
     if isinstance(self.class_weights, str):  # "balanced": n / (K * n_c) over the training labels
-      vocab, counts = labelled.label_vocabulary(data.train)
-      by_name = dict(zip(vocab, counts))
-      counts = np.asarray([by_name.get(v, 0) for v in self.labels], np.float64)
+      counts = np.asarray(labelled.label_counts(data.train, self.labels), np.float64)
       self.class_weights = (counts.sum() / (len(counts) * np.maximum(counts, 1))).astype(
           np.float32)
 
