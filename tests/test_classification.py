@@ -223,7 +223,7 @@ def test_fine_tuned_run_killed_and_resumed_is_bit_identical(pretrained, tmp_path
                "finetune.dropout_rate=0.1"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   loop.train(classify_config(overrides), straight)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the same 8 devices as this process
   proc = subprocess.Popen([sys.executable, "-m", "tx_jax", "train", "--config", CLASSIFY,
                            "--workdir", killed, *[f"--config.{o}" for o in overrides]],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
