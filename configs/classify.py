@@ -21,10 +21,14 @@ class), tfds:cifar10:train (set model.* and data.mean/std for 32x32x3).
 data.eval_source, or a seeded held-out data.eval_fraction (stratified by class
 for text). The label vocabulary is saved in config.json (`labels`) and labels.json.
 
-Expected (benchmarks/classify_stdlib.py, results in
-benchmarks/results/classify_stdlib.md): see that file for every row; the
-digits comparison (MAE fine-tuned vs linear probe vs ViT from scratch) is
-recorded there too.
+Measured (benchmarks/classify_stdlib.py; results/classify_stdlib.md and
+classify_digits.md; every model trained briefly on 2 shared CPU cores):
+  digits, 300 steps of 64: fine-tuned from an MAE (configs/mae.py tiny, 600 steps)
+  0.922 held-out accuracy, the same ViT from scratch 0.875, its linear probe 0.788
+  (LogisticRegression on the same frozen features: 0.872).
+  stdlib docstrings (18 packages), 300 steps of 16 x 64 bytes: from scratch 0.285,
+  fine-tuned from configs/bert.py tiny (300 MLM steps) 0.276 accuracy but macro-F1
+  0.161 against 0.122; all-MiniLM-L6-v2 (tx-jax import) fine-tuned 60 steps 0.506.
 """
 
 import dataclasses
