@@ -5,8 +5,9 @@ Launch:
   tx-jax train --config configs/bert.py:base --workdir /mnt/runs/bert   # BERT-base shape
   tx-jax eval --workdir runs/bert    # eval/accuracy = masked-token accuracy
 
-Options: --config.objective_options.sentence_order=true adds ALBERT's
-sentence-order prediction head; --config.data.source=file:docs.txt or
+Options: --config.objective_options.sentence_order=true (or sentence_task=sop)
+adds ALBERT's sentence-order prediction head, sentence_task=nsp BERT's
+next-sentence prediction; --config.data.source=file:docs.txt or
 tfds:NAME:SPLIT trains on other text.
 
 Expected: `tiny` (byte tokens, 4 layers, d 128, 600 steps of 16 x 128) reaches
@@ -29,7 +30,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "masked_lm"
   # MaskedLM keyword arguments: BERT's MLM transform head; sentence-order head.
-  c.objective_options = ml_collections.ConfigDict(dict(mlm_head=True, sentence_order=False))
+  c.objective_options = ml_collections.ConfigDict(dict(mlm_head=True, sentence_order=False,
+                                                      sentence_task=""))
   model = make_config(ENCODER_SIZES, size)
   if size == "base":
     model = dataclasses.replace(model, dtype="bfloat16", dropout_rate=0.1)

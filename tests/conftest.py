@@ -6,3 +6,18 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import gc  # pylint: disable=g-import-not-at-top
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module: one process runs the whole
+  suite, and hundreds of small models' executables would otherwise pile up in memory."""
+  yield
+  import sys  # pylint: disable=g-import-not-at-top
+  if "jax" in sys.modules:
+    sys.modules["jax"].clear_caches()
+  gc.collect()

@@ -244,9 +244,9 @@ def test_sharded_forward_matches_single_device():
 def test_generate_seq2seq_default_length_fills_the_decoder_context():
   # `tx-jax generate` on a T5 workdir passes max_new_tokens=None: decode cfg.max_len tokens.
   import types
-  from tx_jax.data import denoising, tokenizers
+  from tx_jax.data import span_corruption, tokenizers
   from tx_jax.generate import _decode_with_specials, generate_seq2seq
-  tok = tokenizers.ByteTokenizer(denoising.t5_specials(2))
+  tok = tokenizers.ByteTokenizer(span_corruption.t5_specials(2))
   cfg = dataclasses.replace(T5ISH, vocab_size=tok.vocab_size)
   model, params = EncoderDecoder(cfg), _random_params(cfg, scale=0.5, seed=1)
   trained = types.SimpleNamespace(

@@ -146,3 +146,18 @@ def test_masked_lm_on_a_hugging_face_vocabulary_replaces_with_regular_tokens_onl
   replaced = inputs[selected]
   assert selected.sum() > 3000 and not set(replaced.tolist()) & specials
   assert len(set(replaced.tolist())) > 1000  # spread over the regular vocabulary
+
+
+def test_topics_encoder_must_be_a_text_workdir(tmp_path, capsys):
+  data = _posts_csv(tmp_path / "posts.csv", SENTENCES * 5)
+  out = tmp_path / "topics"
+  assert cli.main(["topics", "--data", data, "--out", str(out), "--encoder",
+                   str(tmp_path / "nowhere")]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and "not a tx-jax workdir" in err
+  assert not out.exists()
+  image = tmp_path / "image_wd"
+  image.mkdir()
+  (image / "config.json").write_text(json.dumps({"objective": "mae"}))
+  assert cli.main(["topics", "--data", data, "--out", str(out), "--encoder", str(image)]) == 2
+  assert "image model" in capsys.readouterr().err and not out.exists()

@@ -129,6 +129,37 @@ def test_sentence_order_pieces():
   assert 0.3 < np.mean(labels) < 0.7
 
 
+def test_next_sentence_pieces():
+  """BERT's NSP: label 0 -> B continues A in the same document; label 1 -> B, of the
+  same length, is a stretch of another document. Documents use disjoint letters."""
+  chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+  rng = np.random.default_rng(0)
+  docs = ["".join(rng.choice(list(chars[3 * i:3 * i + 3]), 40 + 7 * i)) for i in range(12)]
+  settings = mlm.MaskedLMSettings.from_tokenizer(TOK, next_sentence=True)
+  batches = list(mlm.mlm_eval_batches(sources.ListSource(docs), TOK, 24, 4, settings))
+  labels = []
+  for p in _pieces(batches):
+    t = p["targets"]
+    seps = np.flatnonzero(t == SEP)
+    if len(seps) == 1:
+      assert p["sentence_weights"].sum() == 0
+      continue
+    assert p["sentence_weights"][0] == 1 and p["sentence_weights"][1:].sum() == 0
+    first = bytes(t[1:seps[0]].astype(np.uint8)).decode()
+    second = bytes(t[seps[0] + 1:-1].astype(np.uint8)).decode()
+    label = int(p["sentence_labels"][0])
+    labels.append(label)
+    home = [d for d in docs if first in d]
+    assert home, first
+    if label == 0:
+      assert any(first + second in d for d in home)
+    else:
+      assert set(second) & set(first) == set() and any(second in d for d in docs)
+  assert 0.3 < np.mean(labels) < 0.7
+  # The iterator records the task only when it is on (older records still match).
+  assert "next_sentence" not in mlm.MaskedLMSettings.from_tokenizer(TOK).as_config()
+
+
 def test_mlm_train_iterator_is_deterministic_per_seed_and_step_and_resumes():
   src = sources.ListSource(_docs(30, seed=2))
   settings = mlm.MaskedLMSettings.from_tokenizer(TOK)

@@ -58,8 +58,8 @@ def test_to_nnx_matches_linen_apply(name):
   # Same parameter tree as Linen's own init, with the same logical axis names.
   linen_params = jax.eval_shape(lambda: linen_model.init(jax.random.key(0), tokens,
                                                          segment_ids=seg))["params"]
-  want_names = jax.tree_util.tree_leaves(nn.get_partition_spec(linen_params),
-                                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  want_names = jax.tree_util.tree_leaves(nn.get_partition_spec(linen_params), is_leaf=is_spec)
   got_vars = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   assert [tuple(v.out_sharding) for v in got_vars] == [tuple(s) for s in want_names]
   assert [v.shape for v in got_vars] == [x.shape for x in

@@ -110,7 +110,8 @@ def test_03_social_topics(tmp_path, monkeypatch):
   nb, s = execute("03_social_topics.ipynb", tmp_path, monkeypatch)
   table = outputs_of(nb, "| cluster | posts |")
   assert any("text/markdown" in o.get("data", {}) for o in table)
-  assert has_png(outputs_of(nb, "map.png"))
+  assert has_png(outputs_of(nb, 'filename=f"{OUT}/report/map.png"'))
+  assert has_png(outputs_of(nb, 'filename=f"{PRE}/report/map.png"'))
   assert s["k"] == 4 and len(s["sizes"]) == 4 and all(size > 0 for size in s["sizes"])
   assert sum(s["sizes"]) == s["posts"] == s["assigned"] == 160
   assert all(len(terms) == 5 for terms in s["top_terms"])
@@ -118,6 +119,9 @@ def test_03_social_topics(tmp_path, monkeypatch):
   assert -1 <= s["metrics"]["silhouette"] <= 1
   md = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
   assert "tx-jax import" in md
+  # The imported sentence encoder clusters the posts by package better than TF-IDF.
+  assert s["pretrained_encoder"].endswith("runs/minilm")
+  assert s["pretrained_metrics"]["nmi"] > s["tfidf_metrics"]["nmi"], s
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def marked_blocks(text: str) -> dict[str, list[list[str]]]:
       heading = line[3:].strip()
     if line.strip() != MARKER:
       continue
-    assert lines[i + 1].strip() == "```bash", f"{MARKER} must precede a ```bash block (line {i + 1})"
+    assert lines[i + 1].strip() == "```bash", f"line {i + 1}: {MARKER} must precede ```bash"
     end = lines.index("```", i + 2)
     commands = []
     for source in lines[i + 2:end]:

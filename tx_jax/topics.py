@@ -102,6 +102,17 @@ def run_topics(args):
   if not args.encoder:
     topics_objective(args.objective)
   source = sources.open_source(args.data)  # Bad data fails before anything is written.
+  if args.encoder:  # a given model: checked before anything is written too
+    workdir = os.path.abspath(args.encoder)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+      raise UserError(f"--encoder {args.encoder!r} is not a tx-jax workdir (no config.json); "
+                      "train one or tx-jax import a Hugging Face model")
+    from tx_jax.objectives import get_objective  # pylint: disable=g-import-not-at-top
+    from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+    name = config_lib.load_workdir_config(workdir).objective
+    if not get_objective(name).uses_tokenizer:
+      raise UserError(f"--encoder {args.encoder!r} holds an image model ({name}); topics "
+                      "embeds posts with a text model")
   out = os.path.abspath(args.out)
   a = vars(args)
   wanted = {
@@ -136,16 +147,6 @@ def run_topics(args):
     os.replace(tmp, record_path)
 
   if args.encoder:  # a given model: nothing to pretrain
-    workdir = os.path.abspath(args.encoder)
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-      raise UserError(f"--encoder {args.encoder!r} is not a tx-jax workdir (no config.json); "
-                      "train one or tx-jax import a Hugging Face model")
-    from tx_jax.objectives import get_objective  # pylint: disable=g-import-not-at-top
-    from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-    name = config_lib.load_workdir_config(workdir).objective
-    if not get_objective(name).uses_tokenizer:
-      raise UserError(f"--encoder {args.encoder!r} holds an image model ({name}); topics "
-                      "embeds posts with a text model")
     wanted["embeddings"]["encoder"] = workdir
   else:
     spm_prefix = os.path.join(out, "tokenizer", "spm")

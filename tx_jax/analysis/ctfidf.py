@@ -26,6 +26,7 @@ class TopicTerms:
   idf: np.ndarray        # [V] log(1 + mean terms per topic / tf(t, all))
 
   def row(self, topic):
+    """The row of `topic` in the per-topic arrays."""
     return int(np.searchsorted(self.topic_ids, topic))
 
   def transform(self, doc_terms):

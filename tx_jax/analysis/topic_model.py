@@ -57,6 +57,7 @@ class Settings:
   seed: int = 0
 
   def check(self, has_embeddings):
+    """UserError naming the first setting that is unknown or out of range."""
     for name, value, allowed in (("method", self.method, METHODS),
                                  ("features", self.features, FEATURES),
                                  ("outliers", self.outliers, OUTLIERS),
@@ -109,6 +110,7 @@ class TopicResult:
 
   @property
   def names(self):
+    """{topic id: its label (from its top terms)}."""
     return {t["id"]: t["label"] for t in self.fit.topics}
 
 

@@ -143,6 +143,7 @@ def _num(v):
 
 
 def write_html(path, rep, result, images, max_posts):
+  """The self-contained report.html: topic table, searchable posts, map, over-time chart."""
   esc = html.escape
   base = rep.get("baseline", {}).get("metrics", {})
   quality = "".join(

@@ -58,6 +58,9 @@ def _run_config(imported, model_dir: str) -> ml_collections.ConfigDict:
       config.model[key] = value
     options = {k: v for k, v in imported.objective_options.items()
                if objective != "mae" or k in ("mask_ratio", "norm_pix_loss")}
+    if imported.architecture == "BertForPreTraining":  # its 2-way head learned BERT's task
+      options.pop("sentence_order", None)
+      options["sentence_task"] = "nsp"
     config.objective_options = ml_collections.ConfigDict(options)
     if imported.tokenizer is not None:
       config.data.tokenizer = "hf:" + os.path.join(os.path.abspath(model_dir), "tokenizer.json")

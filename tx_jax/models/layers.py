@@ -61,18 +61,22 @@ class TransformerConfig:
 
   @property
   def kv_heads(self) -> int:
+    """Key/value heads: num_kv_heads, or num_heads when 0."""
     return self.num_kv_heads or self.num_heads
 
   @property
   def dim_per_head(self) -> int:
+    """Width H of each head: head_dim, or d_model // num_heads when 0."""
     return self.head_dim or self.d_model // self.num_heads
 
   @property
   def compute_dtype(self):
+    """The activation dtype (`dtype` as a jnp.dtype)."""
     return jnp.dtype(self.dtype)
 
   @property
   def params_dtype(self):
+    """The parameter dtype (`param_dtype` as a jnp.dtype)."""
     return jnp.dtype(self.param_dtype)
 
   def validate(self) -> "TransformerConfig":
@@ -102,6 +106,7 @@ def constrain(x: Array, names: tuple[str, ...]) -> Array:
 
 
 def make_norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm (cfg.norm) over the last axis; parameters named `embed`."""
   kw = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
             scale_init=P(nn.initializers.ones, ("embed",)), name=name)
   if cfg.norm == "rmsnorm":
@@ -146,6 +151,7 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, q_pos: Array, k_pos: Array) -> Array:
+    """Query positions (B, T), key positions (B, S) -> bias (B, N, T, S)."""
     cfg = self.cfg
     table = self.param("rel_embedding", P(DEFAULT_KERNEL_INIT, ("relpos_buckets", "heads")),
                        (cfg.relative_buckets, cfg.num_heads), cfg.params_dtype)
@@ -184,6 +190,7 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    """x (..., *in_shape) -> (..., *features) by `equation`."""
     cfg = self.cfg
     n_out = len(self.features)
     in_shape = x.shape[-(len(self.names) - n_out):]
@@ -212,6 +219,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array, mask: Array | None, *, kv_input: Array | None = None,
                positions: Array | None = None, bias: Array | None = None) -> Array:
+    """x (B, T, D), boolean mask (B, 1, T, S) or None -> (B, T, D).
+
+    kv_input (B, S, D): cross-attention source. positions (B, T): for rotary
+    positions and the decode-mode mask. bias (B or 1, N, T, S): added to the logits.
+    """
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     is_cross = kv_input is not None
@@ -263,6 +275,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """(B, T, D) -> (B, T, D)."""
     cfg = self.cfg
     act = ACTIVATIONS[cfg.activation]
     dense = lambda feats, names, name: Projection(cfg, (feats,), names, "...d,df->...f",
@@ -289,6 +302,9 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, inputs: dict[str, Any]):
+    """x (B, T, D) and `inputs` (mask, positions, bias, encoded, cross_mask)
+    -> ((B, T, D), None).
+    """
     cfg = self.cfg
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
 
@@ -321,6 +337,7 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, inputs: dict[str, Any]) -> tuple[Array, dict[str, Array]]:
+    """x (B, T, D), shared `inputs` -> (hidden (B, T, D), {"block_NN": (B, T, D)})."""
     cfg = self.cfg
     block = Block
     if cfg.remat != "none":
@@ -348,6 +365,7 @@ class Embedder(nn.Module):
   cfg: TransformerConfig
 
   def setup(self):
+    """Token table (vocab, embed); learned position and token-type tables if used."""
     cfg = self.cfg
     self.tokens = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                            param_dtype=cfg.params_dtype,
@@ -362,6 +380,7 @@ class Embedder(nn.Module):
                             embedding_init=P(DEFAULT_KERNEL_INIT, ("types", "embed")))
 
   def __call__(self, tokens: Array, positions: Array, token_types: Array | None = None):
+    """tokens (B, T), positions (B, T), token_types (B, T) or None -> (B, T, D)."""
     x = self.tokens(tokens)                                                  # (B, T, D)
     if self.cfg.positions == "learned":
       x = x + self.pos(positions)
@@ -382,11 +401,13 @@ class Readout(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    """(B, T, D) -> logits (B, T, V)."""
     cfg = self.cfg
     return Projection(dataclasses.replace(cfg, use_bias=False), (cfg.vocab_size,),
                       ("embed", "vocab"), "...d,dv->...v", name="unembed")(x)
 
 
 def default_positions(tokens: Array) -> Array:
+  """0, 1, ..., T - 1 for every row of tokens (B, T) -> (B, T) int32."""
   return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 

@@ -75,6 +75,13 @@ class DecoderLM(nn.Module):
   def __call__(self, tokens: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, decode: bool = False,
                deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """tokens (B, T) -> (logits (B, T, V) float32, out).
+
+    out: "embedded", "block_00", ... (B, T, D) (no per-block entries with
+    scan_layers) and "pre_logits" (B, T, D), after the final norm.
+    positions / segment_ids (B, T): packed documents (segment 0 = padding).
+    decode=True reads and writes the "cache" collection (see generate.sample).
+    """
     cfg = self.cfg
     positions = default_positions(tokens) if positions is None else positions
     if segment_ids is None:
@@ -122,6 +129,12 @@ class Encoder(nn.Module):
   def __call__(self, tokens: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, token_types: Array | None = None,
                deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """tokens (B, T) -> (logits (B, T, V) float32, out).
+
+    out: "embedded", "block_00", ..., "pre_logits" (B, T, D), and
+    "sentence_logits" (B, T, 2) with sentence_head. token_types (B, T): BERT's
+    segment A/B ids when cfg.type_vocab_size > 0.
+    """
     cfg = self.cfg
     positions = default_positions(tokens) if positions is None else positions
     if segment_ids is None:
@@ -178,6 +191,12 @@ class EncoderDecoder(nn.Module):
                decoder_segment_ids: Array | None = None, encoded: Array | None = None,
                decode: bool = False, deterministic: bool = True
                ) -> tuple[Array | None, dict[str, Array]]:
+    """inputs (B, S), decoder_inputs (B, T) -> (logits (B, T, V) float32, out).
+
+    out: "encoder/block_NN", "encoded" (B, S, D), "decoder/block_NN" and
+    "pre_logits" (B, T, D). decoder_inputs=None runs the encoder only (logits
+    None); `encoded` skips the encoder.
+    """
     cfg = self.cfg
     drop = lambda x: nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     embedder = Embedder(cfg, name="embedder")
@@ -252,6 +271,7 @@ class EncoderDecoder(nn.Module):
 
 
 def count_params(params) -> int:
+  """Total number of entries of every array in a (parameter) pytree."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
 
 
@@ -266,4 +286,5 @@ def param_shapes(model: nn.Module, seq_len: int, **kwargs):
 
 
 def config_fields() -> list[str]:
+  """Names of the TransformerConfig fields (the `model.*` config keys)."""
   return [f.name for f in dataclasses.fields(TransformerConfig)]

@@ -44,14 +44,17 @@ class ViTConfig:
 
   @property
   def grid(self) -> int:
+    """Patches per side: image_size // patch_size."""
     return self.image_size // self.patch_size
 
   @property
   def num_patches(self) -> int:
+    """Patches per image N = grid²."""
     return self.grid ** 2
 
   @property
   def patch_dim(self) -> int:
+    """Pixels per patch P·P·C."""
     return self.patch_size ** 2 * self.channels
 
   def validate(self, d_model: int) -> "ViTConfig":
@@ -190,6 +193,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
+    """(B, H, W, C) -> (B, N, D)."""
     cfg, p, c = self.cfg, self.vit.patch_size, self.vit.channels
     b, h, w, _ = images.shape
     x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -213,6 +217,7 @@ class PositionEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    """(B, N, D) -> (B, N, D) with positions added."""
     n, d = self.vit.num_patches, self.cfg.d_model
     if self.vit.posemb == "learned":
       pos = self.param("pos_embedding", P(DEFAULT_KERNEL_INIT, ("positions", "embed")), (n, d),
@@ -242,6 +247,7 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: Array, *, ids_keep: Array | None = None,
                deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """images (B, H, W, C) -> (class logits (B, classes) or pre_logits (B, D), out)."""
     cfg, vit = self.cfg, self.vit
     x = PatchEmbed(cfg, vit, name="patch_embed")(images)                      # (B, N, D)
     x = PositionEmbedding(cfg, vit, name="posemb")(x)
@@ -275,6 +281,8 @@ class MAEDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: Array, ids_restore: Array, deterministic: bool = True):
+    """encoded (B, [1 +] K, D) (CLS first with cls pooling), ids_restore (B, N)
+    -> (pixels (B, N, P·P·C) float32, hidden (B, N, Dd))."""
     cfg, vit = self.cfg, self.vit
     has_cls = vit.pooling == "cls"
     # The kernel maps the encoder's width to the decoder's: two different axes.
@@ -318,12 +326,19 @@ class MAE(nn.Module):
   mask_ratio: float = 0.75
 
   def setup(self):
+    """The ViT encoder and the MAE decoder."""
     self.encoder = ViT(self.cfg, dataclasses.replace(self.vit, num_classes=0))
     self.pixel_decoder = MAEDecoder(self.decoder, self.vit)
 
   def __call__(self, images: Array, *, deterministic: bool = True,
                mask_ratio: float | None = None, noise: Array | None = None
                ) -> tuple[Array, dict[str, Array]]:
+    """images (B, H, W, C) -> (pixel predictions (B, N, P·P·C) float32, out).
+
+    Needs a "mask" rng unless `noise` (B, N) is given (the patches with the
+    lowest noise are kept, as in transformers' ViTMAE); mask_ratio overrides
+    the module's for this call.
+    """
     ratio = self.mask_ratio if mask_ratio is None else mask_ratio
     rng = self.make_rng("mask") if noise is None else None
     ids_keep, mask, ids_restore = random_masking(rng, images.shape[0], self.vit.num_patches,

@@ -157,6 +157,7 @@ class Objective:
   # --- the loss ----------------------------------------------------------------------
 
   def init_params(self, rng, seq_len: int):
+    """Fresh (logically boxed) parameters, initialised for rows of seq_len."""
     raise NotImplementedError
 
   def loss_fn(self, params, batch, rng, train: bool):

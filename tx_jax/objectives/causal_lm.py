@@ -28,10 +28,12 @@ class CausalLM(TextObjective):
     self.token_bytes = jnp.asarray(token_bytes, jnp.float32)
 
   def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    """Packed LM rows of documents (`tx_jax.data.pipeline`)."""
     return pipeline.lm_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
                                       shard_index=shard_index, shard_count=shard_count)
 
   def eval_rows(self, source, seq_len, batch_size):
+    """Every held-out document once, packed in order."""
     return pipeline.lm_eval_batches(source, self.tokenizer, seq_len, batch_size)
 
   def loss_fn(self, params, batch, rng, train: bool):

@@ -53,11 +53,13 @@ class SpanContrastive(TextObjective):
     return 2 * config.train.batch_size * config.data.seq_len   # both spans of each pair
 
   def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    """Pairs of random spans of each document (`tx_jax.data.spans`)."""
     return spans.span_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
                                      self.min_span, shard_index=shard_index,
                                      shard_count=shard_count)
 
   def eval_rows(self, source, seq_len, batch_size):
+    """Span pairs of the held-out documents, the same at every call."""
     return spans.span_eval_batches(source, self.tokenizer, seq_len, batch_size, self.min_span)
 
   def train_iterator(self, config, data):

@@ -69,9 +69,11 @@ class ImageInputs:
     self.prep = prep
 
   def open(self, spec: str) -> images.ImageSource:
+    """The image source of a data spec."""
     return images.open_image_source(spec)
 
   def collate(self, records) -> dict[str, np.ndarray]:
+    """Records -> {"image": (B, H, W, C)} preprocessed as the run's eval images."""
     return {"image": np.stack([self.prep.eval(r["image"], r.get("id", "")) for r in records])}
 
 
@@ -172,6 +174,7 @@ class MAEObjective(Objective):
     return {"image_size": self.vit.image_size}
 
   def dummy_images(self, batch: int = 1):
+    """Zero images (batch, H, W, C) of the model's geometry."""
     v = self.vit
     return jnp.zeros((batch, v.image_size, v.image_size, v.channels), jnp.float32)
 
@@ -185,6 +188,7 @@ class MAEObjective(Objective):
             "valid": np.ones(batch, np.float32)}
 
   def init_params(self, rng, seq_len: int = 0):
+    """Parameters of the MAE (encoder and pixel decoder)."""
     del seq_len  # the image size is fixed by the config
     return self.model.init({"params": rng, "mask": rng}, self.dummy_images())["params"]
 

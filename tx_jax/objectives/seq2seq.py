@@ -39,10 +39,12 @@ class Seq2Seq(SpanCorruption):
     return config.data.targets_len or config.data.seq_len
 
   def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    """Packed (input, target) pairs, long sides truncated."""
     return span_data.pair_train_iterator(source, self.tokenizer, seq_len, self.targets_len,
                                          batch_size, seed, self._settings, shard_index,
                                          shard_count)
 
   def eval_rows(self, source, seq_len, batch_size):
+    """The held-out pairs, in order."""
     return span_data.pair_eval_batches(source, self.tokenizer, seq_len, self.targets_len,
                                        batch_size, self._settings)

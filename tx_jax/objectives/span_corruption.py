@@ -32,6 +32,7 @@ def exact_matches(logits, targets, segment_ids):
 
 
 def check_targets_len(config, targets_len: int):
+  """UserError unless the decoder's rows fit model.max_len."""
   if not 1 <= targets_len <= config.model.max_len:
     raise UserError(f"targets length {targets_len} must be in 1..model.max_len="
                     f"{config.model.max_len}; adjust data.targets_len or data.seq_len")
@@ -73,10 +74,12 @@ class SpanCorruption(TextObjective):
                targets_len=targets_len, **options)
 
   def rows(self, source, seq_len, batch_size, seed, shard_index, shard_count):
+    """Packed span-corrupted pieces (`tx_jax.data.span_corruption`)."""
     return span_data.span_train_iterator(source, self.tokenizer, seq_len, batch_size, seed,
                                          self._settings, shard_index, shard_count)
 
   def eval_rows(self, source, seq_len, batch_size):
+    """The held-out documents, corrupted the same way at every call."""
     return span_data.span_eval_batches(source, self.tokenizer, seq_len, batch_size,
                                        self._settings)
 
@@ -89,6 +92,7 @@ class SpanCorruption(TextObjective):
     return super().eval_batches(config, data)
 
   def init_params(self, rng, seq_len: int):
+    """Parameters of the encoder-decoder for (1, seq_len) rows on both sides."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return self.model.init(rng, tokens, tokens)["params"]
 

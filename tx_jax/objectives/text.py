@@ -262,9 +262,11 @@ class TextObjective(Objective):
   # Batch format: override both.
   def rows(self, source, seq_len: int, batch_size: int, seed: int, shard_index: int,
            shard_count: int):
+    """A resumable train iterator of one data shard: batches of batch_size rows."""
     raise NotImplementedError
 
   def eval_rows(self, source, seq_len: int, batch_size: int):
+    """The global eval batches of `source`, in order, the same at every call."""
     raise NotImplementedError
 
   def train_iterator(self, config, data: Data):
@@ -280,6 +282,7 @@ class TextObjective(Objective):
                              d.eval_batches, t.batch_size)
 
   def init_params(self, rng, seq_len: int):
+    """Parameters of the text model for (1, seq_len) token rows."""
     return self.model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
 
   def flops_per_unit(self, params, seq_len: int) -> float:
