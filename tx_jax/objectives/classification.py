@@ -70,6 +70,7 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, inputs, segment_ids=None, *, deterministic: bool = True,
                probe: bool = False):
+    """(logits (B, K) float32, pooled features (B, D) float32)."""
     body_det = deterministic or probe
     if isinstance(self.body, ViT):
       _, out = self.body(inputs, deterministic=body_det)
@@ -272,6 +273,7 @@ class Classification(TextObjective):
 
   @property
   def num_layers(self) -> int:
+    """Blocks of the body (an encoder-decoder's encoder blocks)."""
     c = self.cfg
     return c.num_encoder_layers if self.body_name == "encoder_decoder" and \
         c.num_encoder_layers else c.num_layers
@@ -449,6 +451,7 @@ class Classification(TextObjective):
   # --- the loss ----------------------------------------------------------------------
 
   def dummy_inputs(self, batch: int = 1, seq_len: int | None = None):
+    """Zero inputs and segment ids (None for images) of the body's input shape."""
     if self.image:
       v = self.vit
       return (jnp.zeros((batch, v.image_size, v.image_size, v.channels), jnp.float32), None)
@@ -608,6 +611,7 @@ class ConfusionEvaluation:
     self.objective = objective
 
   def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
+    """Writes the PNG and labels.json (process 0); no extra metrics."""
     del params
     if jax.process_index() != 0:
       return {}
@@ -624,4 +628,5 @@ class ConfusionEvaluation:
     return {}
 
   def metrics(self, params) -> dict[str, float]:
+    """No metrics beyond the eval sums' (`tx-jax eval`)."""
     return {}
