@@ -20,6 +20,7 @@ from tx_jax.errors import UserError
 from tx_jax.models import TransformerConfig
 from tx_jax.models.vit import vit_configs
 from tx_jax.objectives.causal_lm import CausalLM
+from tx_jax.objectives.classification import Classification
 from tx_jax.objectives.mae import MAEObjective
 from tx_jax.objectives.masked_lm import MaskedLM
 from tx_jax.objectives.span_corruption import SpanCorruption
@@ -103,7 +104,7 @@ def span_batch(objective):
   return batch
 
 
-FAMILIES = ["decoder", "encoder", "encoder_decoder", "mae"]
+FAMILIES = ["decoder", "encoder", "encoder_decoder", "mae", "classifier"]
 # MAE's first gradient is dominated by the pixel readout: the encoder's query biases
 # get ~3e-7 of its norm (real signal; the key biases' ~1e-13 is rounding noise), and
 # Adam (eps 1e-3) moves the encoder's kernels by ~1e-3 relative.
@@ -120,6 +121,14 @@ def family(name):
   if name == "encoder":  # BERT-style: post-LN, separate readout
     cfg = TransformerConfig(**tiny, pre_norm=False, tie_embeddings=False)
     return MaskedLM(cfg, np.ones(V, np.float32)), mlm_batch(rng)
+  if name == "classifier":  # a BERT-style body, mean-pooled, 5 classes; padded rows
+    cfg = TransformerConfig(**tiny, pre_norm=False)
+    objective = Classification("encoder", cfg, [f"c{i}" for i in range(5)], seq_len=T)
+    batch = objective.synthetic_batch(B, T, V, seed=0)
+    batch["segment_ids"][2, -5:] = 0
+    batch["tokens"][2, -5:] = 0
+    batch["valid"][7] = 0
+    return objective, batch
   if name == "mae":  # ViT on 8x8 images, 2x2 patches, 75% masked per example; 16-wide decoder
     enc, vit, dec = vit_configs(dict(
         image_size=8, patch_size=2, channels=1, num_layers=1, d_model=32, num_heads=4,

@@ -1,4 +1,5 @@
-"""`tx-jax` command line: train, eval, generate, tokenizer, benchmark, embed, analyze, topics.
+"""`tx-jax` command line: train, eval, generate, tokenizer, benchmark, embed, predict,
+analyze, topics.
 
 User mistakes (UserError, bad flags) exit with status 2 and one line on
 stderr; nothing in an existing workdir is touched before the inputs check out.
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", required=True, help="data spec, e.g. file:posts.csv")
   p.add_argument("--out", required=True, help="output FILE.npz")
   _add_embed_flags(p)
+
+  p = sub.add_parser("predict", help="a trained classifier's labels and probabilities -> .csv")
+  p.add_argument("--workdir", required=True, help="a workdir trained with configs/classify.py")
+  p.add_argument("--data", required=True, help="data spec, e.g. file:new.csv")
+  p.add_argument("--out", required=True, help="output FILE.csv")
+  p.add_argument("--batch-size", type=int, default=64)
 
   p = sub.add_parser("import", help="a Hugging Face model directory -> a tx_jax workdir")
   p.add_argument("--from", dest="source", required=True,
@@ -267,6 +274,11 @@ def cmd_embed(args, _):
   print(json.dumps(summary))
 
 
+def cmd_predict(args, _):
+  from tx_jax.analysis.predict import predict_workdir
+  print(json.dumps(predict_workdir(args.workdir, args.data, args.out, args.batch_size)))
+
+
 def cmd_import(args, _):
   from tx_jax.interop.workdir import import_hf
   print(json.dumps(import_hf(args.source, args.out)))
@@ -295,8 +307,8 @@ def _fail(error, status: int) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
             "tokenizer": cmd_tokenizer, "benchmark": cmd_benchmark, "embed": cmd_embed,
-            "analyze": cmd_analyze, "topics": cmd_topics, "import": cmd_import,
-            "export": cmd_export, "plan": cmd_plan}
+            "predict": cmd_predict, "analyze": cmd_analyze, "topics": cmd_topics,
+            "import": cmd_import, "export": cmd_export, "plan": cmd_plan}
 
 
 def _cpu_when_libtpu_has_no_tpu():

@@ -6,7 +6,11 @@ importing `tx_jax.objectives.NAME` (`get_objective`). The class owns every
 objective-specific piece, and the generic code only asks it:
 
   building     `open_data(config)` (sources), `tokenizer_texts(data)` (what a
-               trained tokenizer learns from), `from_config(config, tokenizer)`
+               trained tokenizer learns from), `from_config(config, tokenizer)`,
+               `needs_tokenizer(config)`, `complete_config(config, data)` (what the
+               data settles, e.g. a label vocabulary, saved in config.json)
+  pretrained   `init_from`: `adopt(config, pretrained_config)` (the architecture
+               of the pretrained workdir), `transfer(fresh_params, pretrained)`
   batches      `train_iterator(config, data)`, `eval_batches(config, data)`,
                `units_per_batch(config)`, `init_len(config)`
   the loss     `init_params(rng, init_len)`, `loss_fn(params, batch, rng, train)
@@ -108,6 +112,27 @@ class Objective:
     return data.train
 
   @classmethod
+  def needs_tokenizer(cls, config) -> bool:
+    """Whether a run of this config reads text (and so has a tokenizer/ in its workdir)."""
+    return cls.uses_tokenizer
+
+  @classmethod
+  def complete_config(cls, config, data: Data):
+    """The run config with what only the data settles filled in (e.g. the label
+    vocabulary of a classifier), checked against the eval data. It is saved as the
+    workdir's config.json, so inference needs no data. Default: unchanged."""
+    return config
+
+  @classmethod
+  def adopt(cls, config, pretrained_config):
+    """The run config for starting from a pretrained workdir (`init_from`) whose
+    config is `pretrained_config`: typically its architecture (`model`) and the
+    data settings it was trained with. The tokenizer is copied by the caller.
+    Default: refuse, in one line."""
+    raise UserError(f"objective {config.objective!r} does not start from a pretrained "
+                    "workdir; leave init_from empty")
+
+  @classmethod
   def from_config(cls, config, tokenizer) -> "Objective":
     """The objective of a run config (and its tokenizer; None for image objectives)."""
     raise NotImplementedError
@@ -159,6 +184,16 @@ class Objective:
   # (tx_jax.train.step) keeps the non-finite skip / halt checks and the
   # grad_norm / param_norm metrics, and refuses gradient accumulation.
   train_update: ClassVar[Callable | None] = None
+
+  def transfer(self, fresh_params, pretrained) -> tuple[Any, dict]:
+    """Fresh params (host numpy, as initialised) with a pretrained workdir's weights
+    grafted in -> (params of the same structure, report). `pretrained` is a
+    `tx_jax.train.trained.Trained` (config, tokenizer, objective, params, step).
+    The report lists the paths "loaded", "new" (kept as initialised) and
+    "dropped" (pretrained weights not used, e.g. an MLM head); a body that does
+    not fit (another family, other shapes) raises UserError in one line."""
+    raise UserError(f"objective {self.name!r} does not load pretrained weights; leave "
+                    "init_from empty")
 
   # --- benchmark ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Callable, Iterator
 
 import jax
@@ -17,6 +18,7 @@ import optax
 from tx_jax.data import tokenizers
 from tx_jax.errors import UserError
 from tx_jax.objectives import get_objective
+from tx_jax.train import config as config_lib
 from tx_jax.train import optim
 
 
@@ -36,6 +38,8 @@ class Experiment:
   # Optional evaluation beyond the loss (probes, images): (params, step, workdir)
   # -> metrics, logged as eval/<name> at every eval; .metrics(params) read-only.
   extra_eval: object | None = None
+  # (pretrained workdir, step or None = newest) whose weights start a fresh run.
+  init_from: tuple[str, int | None] | None = None
 
   def meta(self) -> dict:
     return checkpoint_meta(self.config, self.tokenizer)
@@ -93,12 +97,53 @@ def get_tokenizer(config, workdir: str, create: bool, train_texts: Callable | No
   return tok
 
 
-def build_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment:
-  """The run's experiment; every input is checked here, before training starts."""
+def parse_init_from(spec: str) -> tuple[str, int | None]:
+  """`WORKDIR[:STEP]` -> (workdir, step or None for the newest)."""
+  path, sep, step = str(spec).rpartition(":")
+  if sep and step.isdigit() and path:
+    return path, int(step)
+  return str(spec), None
+
+
+def adopt_pretrained(cls, config, workdir: str):
+  """config.init_from: the objective adopts the pretrained workdir's architecture, and
+  its tokenizer is copied into `workdir` (unless one is there already).
+  -> (config, (pretrained workdir, step))."""
+  path, step = parse_init_from(config.init_from)
+  if not os.path.isdir(path):
+    raise UserError(f"init_from={config.init_from!r}: {path!r} does not exist; give a "
+                    "tx-jax train workdir (WORKDIR[:STEP])")
+  config = cls.adopt(config, config_lib.load_workdir_config(path))
+  source, target = tokenizer_dir(path), tokenizer_dir(workdir)
+  if cls.needs_tokenizer(config) and not os.path.isdir(target):
+    if not os.path.isdir(source):
+      raise UserError(f"init_from={config.init_from!r} holds no tokenizer/, but this run reads "
+                      "text; give a workdir of a text model")
+    if jax.process_index() == 0:
+      shutil.copytree(source, target + ".tmp", dirs_exist_ok=True)
+      os.replace(target + ".tmp", target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("tx_jax: init_from tokenizer copied")
+  return config, (path, step)
+
+
+def build_experiment(config, workdir: str, create_tokenizer: bool,
+                     init_from: bool = False) -> Experiment:
+  """The run's experiment; every input is checked here, before training starts.
+
+  With init_from=True and config.init_from set (a training run), the config first
+  adopts the pretrained workdir (`adopt_pretrained`); `Experiment.config` is the
+  completed config the run records as config.json.
+  """
   cls = get_objective(config.objective)
+  pretrained = None
+  if init_from and config.get("init_from"):
+    config, pretrained = adopt_pretrained(cls, config, workdir)
   data = cls.open_data(config)
+  config = cls.complete_config(config, data)
   tok = None
-  if cls.uses_tokenizer:
+  if cls.needs_tokenizer(config):
     tok = get_tokenizer(config, workdir, create_tokenizer, lambda: cls.tokenizer_texts(data))
   objective = cls.from_config(config, tok)
   eval_batches = objective.eval_batches(config, data)
@@ -107,7 +152,7 @@ def build_experiment(config, workdir: str, create_tokenizer: bool) -> Experiment
       config, tok, objective, make_tx(objective, config), objective.init_len(config),
       objective.units_per_batch(config), lambda: objective.train_iterator(config, data),
       eval_batches, lambda s: float(tx_lr(s)), data.stats,
-      objective.evaluation(config, data))
+      objective.evaluation(config, data), pretrained)
 
 
 def build_objective(config, tokenizer=None):

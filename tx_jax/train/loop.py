@@ -49,6 +49,7 @@ from tx_jax.train import preemption, step as step_lib, workdir_lock
 from tx_jax.train.evaluate import evaluate
 from tx_jax.train.experiment import build_experiment
 from tx_jax.train.state import init_state, state_shapes
+from tx_jax.train.trained import load_trained
 
 
 def _is_main() -> bool:
@@ -81,9 +82,10 @@ def train(config, workdir: str) -> dict:
     checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
         async_save=t.async_checkpoints))
+    exp = build_experiment(config, workdir, create_tokenizer=True, init_from=True)
+    config = exp.config  # completed by the objective (e.g. init_from's architecture, labels)
     if checkpointer.steps():
       _check_same_tokenizer_spec(config, workdir)
-    exp = build_experiment(config, workdir, create_tokenizer=True)
     tx = exp.tx
     boxed = state_shapes(exp.objective, tx, exp.init_len, t.seed)
     state_shardings = parallel.logical_shardings(boxed, mesh, rules)
@@ -95,10 +97,13 @@ def train(config, workdir: str) -> dict:
     # --- Restore the newest intact checkpoint, or initialise (directly sharded) ----
     train_iter = exp.train_iterator()
     start, rejected = checkpointer.newest_good_step()
+    init_report = None
     if start is None:
       state = jax.jit(lambda: init_state(exp.objective, tx, exp.init_len, t.seed),
                       out_shardings=state_shardings)()
       start = 0
+      if exp.init_from is not None:  # a fresh fine-tuning run: graft the pretrained weights
+        state, init_report = _load_pretrained(exp, state, state_shardings)
     else:
       abstract = ckpt_lib.abstract_with_shardings(parallel.strip_boxes(boxed), state_shardings)
       relaxed = checkpointer.check_compatible(start, abstract, exp.meta())
@@ -114,7 +119,13 @@ def train(config, workdir: str) -> dict:
         config_lib.save_json(config, os.path.join(workdir, "config.json"))
       with io_operation("writing data statistics", os.path.join(workdir, "data_stats.json")):
         _write_json(os.path.join(workdir, "data_stats.json"), exp.data_stats)
+      if init_report is not None:
+        with io_operation("writing the init_from report",
+                          os.path.join(workdir, "init_from.json")):
+          _write_json(os.path.join(workdir, "init_from.json"), init_report)
     _report_data_stats(exp.data_stats)
+    if init_report is not None:
+      _print_init_report(init_report)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=_is_main())
     stack.callback(writer.close)
     print_main(f"{'resuming from' if start else 'starting at'} step {start}; "
@@ -182,8 +193,9 @@ def train(config, workdir: str) -> dict:
           last_eval.update(exp.extra_eval(state.params, done, workdir))
         writer.write(done, {f"eval/{k}": v for k, v in last_eval.items()})
         if _is_main():
+          # Grouped metrics (precision/CLASS, ...) go to metrics.jsonl only.
           progress.write(f"step {done}: " + " ".join(f"eval/{k}={v:.4f}" for k, v in
-                                                     last_eval.items()))
+                                                     last_eval.items() if "/" not in k))
         t0, units = time.perf_counter(), 0
       if done % t.checkpoint_every == 0 or done == total_steps:
         save_checkpoint(done)
@@ -201,6 +213,38 @@ def train(config, workdir: str) -> dict:
                  f"same command to resume" if done > start else
                  f"stopped by {cause} before the first step; nothing new to save")
   return last_eval
+
+
+def _load_pretrained(exp, state, shardings):
+  """The fresh state with `exp.init_from`'s weights grafted in by the objective
+  (`transfer`), placed in the state's shardings, and a fresh optimizer state for them.
+  -> (state, report for init_from.json)."""
+  path, step = exp.init_from
+  pretrained = load_trained(path, step=step)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    fresh = multihost_utils.process_allgather(state.params, tiled=True)
+  else:
+    fresh = jax.device_get(state.params)
+  params, report = exp.objective.transfer(fresh, pretrained)
+  params = jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i, x=x: np.asarray(x)[i]),
+      params, shardings.params)
+  opt_state = jax.jit(exp.tx.init, out_shardings=shardings.opt_state)(params)
+  report = {"init_from": path, "step": pretrained.step,
+            "objective": pretrained.config.objective, **report}
+  return state.replace(params=params, opt_state=opt_state), report
+
+
+def _print_init_report(report: dict):
+  def names(keys):
+    return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+  print_main(f"init_from {report['init_from']} (step {report['step']}, {report['objective']}): "
+             f"loaded {len(report['loaded'])} tensors ({report['loaded_params']:,} parameters); "
+             f"new {len(report['new'])} ({report['new_params']:,}): {names(report['new'])}; "
+             f"dropped {len(report['dropped'])} ({report['dropped_params']:,})"
+             + (f": {names(report['dropped'])}" if report["dropped"] else "")
+             + " (see init_from.json)")
 
 
 def _health(state):

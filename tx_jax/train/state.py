@@ -8,6 +8,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import optax
 
 from tx_jax import parallel
 
@@ -57,21 +58,26 @@ def _box_like(opt_state, boxed_params):
                       [getattr(x, "shape", None) for x in jax.tree_util.tree_leaves(stripped)],
                       jax.tree_util.tree_leaves(tree, is_leaf=is_box)))
 
+  # Under optax.masked / multi_transform (frozen parameters) some leaves of a
+  # params-shaped subtree are MaskedNode (no state for that parameter) and stay so.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
   def matching(node):
-    structure = jax.tree_util.tree_structure(node)
+    structure = jax.tree_util.tree_structure(node, is_leaf=masked)
+    leaves = jax.tree_util.tree_leaves(node, is_leaf=masked)
     for treedef, shapes, boxes in templates:
-      if structure == treedef and [getattr(x, "shape", None) for x in
-                                   jax.tree_util.tree_leaves(node)] == shapes:
-        return treedef, boxes
+      if structure == treedef and all(masked(l) or getattr(l, "shape", None) == shape
+                                      for l, shape in zip(leaves, shapes)):
+        return treedef, boxes, leaves
     return None
 
   def visit(node):
     found = matching(node)
     if found is not None:
-      treedef, boxes = found
-      leaves = jax.tree_util.tree_leaves(node)
+      treedef, boxes, leaves = found
       return jax.tree_util.tree_unflatten(
-          treedef, [b.replace_boxed(l) if is_box(b) else l for b, l in zip(boxes, leaves)])
+          treedef, [b.replace_boxed(l) if is_box(b) and not masked(l) else l
+                    for b, l in zip(boxes, leaves)])
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       return type(node)(*[visit(c) for c in node])
     if isinstance(node, (tuple, list)):

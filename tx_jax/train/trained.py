@@ -35,24 +35,29 @@ def single_device_mesh():
                             devices=jax.devices()[:1])
 
 
-def load_trained(workdir: str, mesh=None) -> Trained:
-  """Config, tokenizer, objective and newest intact params of a workdir, for inference.
+def load_trained(workdir: str, mesh=None, step: int | None = None) -> Trained:
+  """Config, tokenizer, objective and newest intact params of a workdir, for inference
+  (or those of checkpoint `step`, which must be intact).
 
   A corrupt newest checkpoint is reported and the one before it used.
   """
   if not os.path.isdir(workdir):
     raise UserError(f"workdir {workdir!r} does not exist; train first with tx-jax train")
   config = config_lib.load_workdir_config(workdir)
-  uses_tokenizer = get_objective(config.objective).uses_tokenizer
+  uses_tokenizer = get_objective(config.objective).needs_tokenizer(config)
   tok = get_tokenizer(config, workdir, create=False) if uses_tokenizer else None
   objective = build_objective(config, tok)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
   with ckpt_lib.Checkpointer(directory, async_save=False, read_only=True) as checkpointer:
-    step, _ = checkpointer.newest_good_step()
     if step is None:
-      raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
+      step, _ = checkpointer.newest_good_step()
+      if step is None:
+        raise UserError(f"{workdir!r} has no checkpoint yet; train first with tx-jax train")
+    elif step not in checkpointer.steps() or checkpointer.verify(step) is not None:
+      raise UserError(f"{workdir!r} has no intact checkpoint {step} (it has "
+                      f"{checkpointer.steps()}); pick one of those steps")
     mesh = mesh or single_device_mesh()
     rules = parallel.resolve_rules(config.mesh.rules)
     boxed = state_shapes(objective, make_tx(objective, config), objective.init_len(config),
