@@ -610,7 +610,120 @@ def use_in_your_project():
   ]
 
 
-NOTEBOOKS = (pretrain_gpt, mae_images, social_topics, use_in_your_project)
+def transfer_and_generation():
+  name = "05_transfer_and_generation.ipynb"
+  return name, [
+      header(name, "Transfer and generation", """
+          What a model trained without labels is for: fine-tune a pretrained encoder into a
+          classifier (`configs/classify.py`, `--config.init_from=WORKDIR`), then two
+          generative models: sentences interpolated in a Transformer-VAE's latent space
+          (`configs/vae.py`) and samples of a Transformer-GAN on the 8x8 digits
+          (`configs/gan.py`)."""),
+      INSTALL, BACKEND, CLI,
+      md("""
+          ## A classifier from a pretrained encoder
+
+          Pretrain a small BERT (masked LM) on the standard-library docstrings, then
+          fine-tune it to predict each docstring's package; `init_from.json` lists the
+          tensors loaded, new (the head) and dropped (the MLM head)."""),
+      code('''
+          import shutil
+          SETTINGS = {"test": dict(pre=20, ft=20, vae=30, gan=6, tiny=True),
+                      "cpu": dict(pre=300, ft=300, vae=600, gan=3000, tiny=False),
+                      "accelerator": dict(pre=1000, ft=500, vae=600, gan=3000, tiny=False)}[SIZE]
+          TINY_TEXT = ("--config.model.num_layers=1 --config.model.d_model=32 "
+                       "--config.model.num_heads=2 --config.model.mlp_dim=64 "
+                       "--config.model.max_len=64 --config.data.seq_len=64 "
+                       "--config.train.batch_size=8 --config.data.eval_batches=2 ")
+          extra = TINY_TEXT if SETTINGS["tiny"] else ""
+          for d in ("runs/bert", "runs/cls"):
+            shutil.rmtree(d, ignore_errors=True)
+          tx_jax_cmd(f"tx-jax train --config {ROOT}/configs/bert.py --workdir runs/bert "
+                     f"--config.data.source=embedded:stdlib-docstrings "
+                     f"--config.train.steps={SETTINGS['pre']} {extra}")
+          tx_jax_cmd(f"tx-jax train --config {ROOT}/configs/classify.py --workdir runs/cls "
+                     f"--config.init_from=runs/bert --config.train.steps={SETTINGS['ft']} "
+                     f"--config.train.eval_every={SETTINGS['ft']} "
+                     f"--config.train.batch_size=8")
+          with open("runs/cls/init_from.json") as f:
+            transfer = json.load(f)
+          print({k: len(v) for k, v in transfer.items() if isinstance(v, list)})
+          '''),
+      code('''
+          import glob
+          from IPython.display import Image, display
+          evals = [r for r in read_metrics("runs/cls") if "eval/accuracy" in r]
+          print(f"held-out accuracy {evals[-1]['eval/accuracy']:.3f}, "
+                f"macro-F1 {evals[-1]['eval/macro_f1']:.3f}")
+          display(Image(filename=sorted(glob.glob("runs/cls/confusion/*.png"))[-1]))
+          '''),
+      md("""
+          ## Sentences along a line in a VAE's latent space
+
+          The VAE's encoder maps a sentence to a Gaussian posterior; `tx-jax generate
+          --interpolate A B` decodes points on the line between the posterior means of A
+          and B (greedy with `--temperature 0`). A model trained for a few steps only
+          repeats frequent words; the full default run (600 steps) is in
+          `benchmarks/results/vae_text.md`."""),
+      code('''
+          TINY_VAE = ("--config.model.num_layers=1 --config.model.num_encoder_layers=1 "
+                      "--config.model.d_model=32 --config.model.num_heads=2 "
+                      "--config.model.mlp_dim=64 --config.model.max_len=32 --config.data.seq_len=32 "
+                      "--config.train.batch_size=8 --config.data.tokenizer=byte "
+                      "--config.model.vocab_size=259 --config.vae.latent_dim=4 "
+                      "--config.data.eval_batches=2 --config.vae.kl_warmup_steps=4 ")
+          shutil.rmtree("runs/vae", ignore_errors=True)
+          tx_jax_cmd(f"tx-jax train --config {ROOT}/configs/vae.py --workdir runs/vae "
+                     f"--config.train.steps={SETTINGS['vae']} "
+                     f"--config.train.eval_every={SETTINGS['vae']} "
+                     f"{TINY_VAE if SETTINGS['tiny'] else ''}")
+          vae_eval = [r for r in read_metrics("runs/vae") if "eval/kl" in r][-1]
+          print({k: round(v, 3) for k, v in vae_eval.items() if k.startswith("eval/")})
+          tx_jax_cmd('tx-jax generate --workdir runs/vae --interpolate "Return the list." '
+                     '"The file is closed." --num-samples 5 --temperature 0')
+          '''),
+      md("""
+          ## Digits from a Transformer-GAN
+
+          A Transformer generator (noise -> patch tokens -> pixels) against a ViT
+          discriminator; `tx-jax generate --num-samples N --out samples.npz --grid
+          samples.png` samples its EMA generator."""),
+      code('''
+          TINY_GAN = ("--config.model.num_layers=1 --config.model.d_model=16 "
+                      "--config.model.num_heads=2 --config.model.mlp_dim=32 "
+                      "--config.model.latent_dim=8 --config.train.batch_size=16 "
+                      "--config.train.log_every=2 --config.train.async_checkpoints=false "
+                      "--config.data.eval_examples=64 --config.evaluation.classifier_steps=20 "
+                      "--config.evaluation.num_samples=64 --config.evaluation.grid_samples=4 ")
+          shutil.rmtree("runs/gan", ignore_errors=True)
+          tx_jax_cmd(f"tx-jax train --config {ROOT}/configs/gan.py --workdir runs/gan "
+                     f"--config.train.steps={SETTINGS['gan']} "
+                     f"--config.train.eval_every={SETTINGS['gan']} "
+                     f"--config.train.checkpoint_every={SETTINGS['gan']} "
+                     f"{TINY_GAN if SETTINGS['tiny'] else ''}")
+          tx_jax_cmd("tx-jax generate --workdir runs/gan --num-samples 16 "
+                     "--out runs/gan_samples.npz --grid runs/gan_samples.png")
+          gan_eval = [r for r in read_metrics("runs/gan") if "eval/fid" in r][-1]
+          print({k: round(v, 3) for k, v in gan_eval.items()
+                 if k in ("eval/fid", "eval/gaussian_fid", "eval/real_fid", "eval/class_coverage")})
+          display(Image(filename="runs/gan_samples.png"))
+          '''),
+      code('''
+          import numpy as np
+          with np.load("runs/gan_samples.npz") as z:
+            images = z["images"]
+          summary = {"accuracy": evals[-1]["eval/accuracy"], "macro_f1": evals[-1]["eval/macro_f1"],
+                     "loaded": len(transfer.get("loaded", [])), "new": len(transfer.get("new", [])),
+                     "vae_kl": vae_eval["eval/kl"], "gan_fid": gan_eval["eval/fid"],
+                     "samples": list(images.shape), "pixel_range": [float(images.min()),
+                                                                    float(images.max())]}
+          print(json.dumps(summary))
+          ''', tags=("summary",)),
+  ]
+
+
+NOTEBOOKS = (pretrain_gpt, mae_images, social_topics, use_in_your_project,
+             transfer_and_generation)
 
 
 def build() -> dict[str, str]:

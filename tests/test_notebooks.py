@@ -137,3 +137,17 @@ def test_04_use_in_your_project(tmp_path, monkeypatch):
   assert has_png(outputs_of(nb, "two training loops"))
   shards = stdout(outputs_of(nb, "parallel.logical_shardings"))
   assert "P('fsdp', 'tensor')" in shards and "shard (32, 128)" in shards
+
+
+@pytest.mark.slow
+def test_05_transfer_and_generation(tmp_path, monkeypatch):
+  nb, s = execute("05_transfer_and_generation.ipynb", tmp_path, monkeypatch)
+  assert s["loaded"] > 0 and s["new"] > 0                      # body loaded, head new
+  assert 0 <= s["accuracy"] <= 1 and 0 <= s["macro_f1"] <= 1
+  assert s["vae_kl"] >= 0 and s["gan_fid"] > 0
+  assert s["samples"][0] == 16 and s["samples"][1:3] == [8, 8]
+  assert 0 <= s["pixel_range"][0] <= s["pixel_range"][1] <= 1
+  interpolation = outputs_of(nb, "--interpolate")
+  lines = "".join(o.get("text", "") for o in interpolation if o.output_type == "stream")
+  assert lines.count("\n") >= 5, lines
+  assert has_png(outputs_of(nb, "confusion/*.png")) and has_png(outputs_of(nb, "gan_samples.png"))
