@@ -59,7 +59,11 @@ def world(trained, tmp_path_factory):
 
   def refuse(*args, **kwargs):
     raise WouldCompile
+  # Functions jitted when their module was imported (earlier in the suite) refuse too.
+  from tx_jax import generate  # pylint: disable=g-import-not-at-top
   patch.setattr(jax, "jit", refuse)
+  for name in ("sample", "greedy_decode", "beam_search"):
+    patch.setattr(generate, name, refuse)
   patch.setattr(metrics_lib, "measure_peak_flops", lambda *a, **k: 1e12)
   yield {"trained": trained, "digest": tree_digest(trained), "base": base,
          "counter": [0]}

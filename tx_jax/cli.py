@@ -233,11 +233,18 @@ def cmd_eval(args, _):
   print(json.dumps(evaluate_workdir(args.workdir, args.data)))
 
 
+MAX_SAMPLES = 65_536   # generated in one batch on the device
+MAX_BEAMS = 256
+
+
 def cmd_generate(args, _):
   from tx_jax.errors import UserError
   from tx_jax.train.trained import load_trained
   if (args.max_new_tokens is not None and args.max_new_tokens <= 0) or args.num_samples <= 0:
     raise UserError("--max-new-tokens and --num-samples must be positive")
+  if args.num_samples > MAX_SAMPLES or not 1 <= args.beam_size <= MAX_BEAMS:
+    raise UserError(f"--num-samples must be at most {MAX_SAMPLES} and --beam-size in "
+                    f"1..{MAX_BEAMS} (samples are made in one batch)")
   if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
     raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
   try:

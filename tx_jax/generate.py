@@ -75,6 +75,9 @@ def sample(model, params, prompt, rng, *, max_new_tokens: int, temperature: floa
   return out
 
 
+MAX_CACHE_BYTES = 8 * 2**30  # one batch of samples' KV cache (float32 upper bound)
+
+
 def generate_text(trained, prompt: str, *, max_new_tokens: int | None = None,
                   temperature: float = 0.8,
                   top_k: int = 0, top_p: float = 0.95, seed: int = 0, num_samples: int = 1):
@@ -93,6 +96,10 @@ def generate_text(trained, prompt: str, *, max_new_tokens: int | None = None,
     raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
                     f"model context of {cfg.max_len} tokens; shorten the prompt or ask for fewer "
                     f"tokens")
+  cache_bytes = num_samples * cfg.max_len * cfg.d_model * cfg.num_layers * 2 * 4  # K and V
+  if cache_bytes > MAX_CACHE_BYTES:
+    raise UserError(f"--num-samples {num_samples} needs about {cache_bytes / 2**30:.1f} GiB of "
+                    f"KV cache (at most {MAX_CACHE_BYTES / 2**30:.0f} GiB); ask for fewer samples")
   prompt_arr = jnp.asarray(np.tile(np.asarray(ids, np.int32), (num_samples, 1)))
   out = sample(trained.objective.model, trained.params, prompt_arr, jax.random.key(seed),
                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
