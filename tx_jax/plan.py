@@ -148,9 +148,11 @@ def _abstract_step(config, devices):
   from tx_jax import parallel  # pylint: disable=g-import-not-at-top
   from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from tx_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  from tx_jax.train.experiment import build_objective, make_tx  # pylint: disable=g-import-not-at-top
+  from tx_jax.train.experiment import (build_objective, completed_config,  # pylint: disable=g-import-not-at-top
+                                       make_tx)
   from tx_jax.train.state import state_shapes  # pylint: disable=g-import-not-at-top
   config_lib.check_config(config)
+  config = completed_config(config)
   objective = build_objective(config)
   tx = make_tx(objective, config)
   mesh = parallel.make_mesh(config.mesh, devices=devices)

@@ -13,13 +13,14 @@ from tx_jax import parallel
 from tx_jax.train import config as config_lib
 from tx_jax.train import metrics as metrics_lib
 from tx_jax.train import step as step_lib
-from tx_jax.train.experiment import build_objective, make_tx
+from tx_jax.train.experiment import build_objective, completed_config, make_tx
 from tx_jax.train.state import init_state, state_shapes
 
 
 def benchmark(config, steps: int = 20) -> dict:
   """Times `steps` jitted train steps after one compile; returns one JSON-able dict."""
   config_lib.check_config(config)
+  config = completed_config(config)
   objective = build_objective(config)
   seq_len, batch_size = config.data.get("seq_len", 0), config.train.batch_size
   init_len = objective.init_len(config)

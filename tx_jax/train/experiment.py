@@ -17,7 +17,7 @@ import optax
 
 from tx_jax.data import tokenizers
 from tx_jax.errors import UserError
-from tx_jax.objectives import get_objective
+from tx_jax.objectives import Objective, get_objective
 from tx_jax.train import config as config_lib
 from tx_jax.train import optim
 
@@ -158,3 +158,13 @@ def build_experiment(config, workdir: str, create_tokenizer: bool,
 def build_objective(config, tokenizer=None):
   """The objective of a config without its data (benchmarks, plans, inference)."""
   return get_objective(config.objective).from_config(config, tokenizer)
+
+
+def completed_config(config):
+  """A config file's run config completed from its data where the objective needs the
+  data to know its shapes (a classifier's label vocabulary), for benchmarks and plans
+  that build the objective without a run."""
+  cls = get_objective(config.objective)
+  if getattr(cls.complete_config, "__func__", None) is Objective.complete_config.__func__:
+    return config
+  return cls.complete_config(config, cls.open_data(config))
