@@ -155,14 +155,14 @@ def pretrain_gpt():
       md("""
           ## Sample with the KV cache
 
-          `setup.load_trained` restores the newest intact checkpoint; `generate_text` runs
+          `load_trained` (`tx_jax.train.trained`) restores the newest intact checkpoint; `generate_text` runs
           the prompt through the model once (filling the cache), then one token per step.
           `tx-jax generate --workdir runs/gpt --prompt "The list"` does the same."""),
       code('''
           from tx_jax.generate import generate_text
-          from tx_jax.train import setup
+          from tx_jax.train.trained import load_trained
 
-          trained = setup.load_trained(WORKDIR)
+          trained = load_trained(WORKDIR)
           prompt = "The list"
           start = time.time()
           samples = generate_text(trained, prompt, max_new_tokens=24, temperature=0.8, seed=0,
@@ -270,11 +270,11 @@ def mae_images():
           ## Probes
 
           The eval line in `metrics.jsonl` holds the probes the training run computed on
-          its held-out fifth; below, `tx_jax.analysis.probe.probe_metrics` on the embedded
+          its held-out fifth; below, `tx_jax.evaluation.probe.probe_metrics` on the embedded
           features against the raw pixels, with the same split."""),
       code('''
           from sklearn.datasets import load_digits
-          from tx_jax.analysis.probe import probe_metrics
+          from tx_jax.evaluation.probe import probe_metrics
 
           eval_line = [r for r in read_metrics(WORKDIR) if "eval/linear_probe_accuracy" in r][-1]
           print({k: round(v, 3) for k, v in eval_line.items() if k.startswith("eval/")})
