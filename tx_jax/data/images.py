@@ -364,3 +364,36 @@ def image_eval_batches(source: ImageSource, prep: Preprocess, batch_size: int,
                for k, v in batch.items()}
       batch["label"][rows:] = -1
     yield batch
+
+
+def check_first_images(prep: Preprocess, *sources):
+  """Preprocesses the first image of each source: a wrong size or channel count fails
+  now, in one line, instead of inside a training step."""
+  for src in sources:
+    first = src[0]
+    prep.eval(first["image"], first["id"])
+
+
+def run_train_iterator(config, source, prep: Preprocess):
+  """This process's rows of every global train batch of an image run (config.train /
+  config.data): shard pid of the process count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  n_proc, pid = jax.process_count(), jax.process_index()
+  return image_train_iterator(source, prep, config.train.batch_size // n_proc, config.train.seed,
+                              shard_index=pid, shard_count=n_proc,
+                              num_threads=config.data.num_threads)
+
+
+def run_eval_batches(config, source, prep: Preprocess):
+  """A factory of this process's rows of an image run's eval batches (at most
+  data.eval_examples seeded images): every host builds the same global batches."""
+  import jax  # pylint: disable=g-import-not-at-top
+  d, t = config.data, config.train
+  subset = image_subset(source, d.eval_examples or None, t.seed)
+  n_proc, pid = jax.process_count(), jax.process_index()
+  local_bs = t.batch_size // n_proc
+
+  def batches():
+    for batch in image_eval_batches(subset, prep, t.batch_size, num_threads=d.num_threads):
+      yield {k: batch[k][pid * local_bs:(pid + 1) * local_bs] for k in ("image", "valid")}
+  return batches

@@ -186,30 +186,14 @@ class GANObjective(Objective):
     return config.train.batch_size
 
   def _checked(self, data: Data):
-    """A wrong size or channel count fails now, in one line."""
-    for src in (data.train, data.eval):
-      first = src[0]
-      self.prep.eval(first["image"], first["id"])
+    images.check_first_images(self.prep, data.train, data.eval)
 
   def train_iterator(self, config, data: Data):
-    d, t = config.data, config.train
-    n_proc, pid = jax.process_count(), jax.process_index()
-    return images.image_train_iterator(data.train, self.prep, t.batch_size // n_proc, t.seed,
-                                       shard_index=pid, shard_count=n_proc,
-                                       num_threads=d.num_threads)
+    return images.run_train_iterator(config, data.train, self.prep)
 
   def eval_batches(self, config, data: Data):
     self._checked(data)
-    d, t = config.data, config.train
-    subset = images.image_subset(data.eval, d.eval_examples or None, t.seed)
-    n_proc, pid = jax.process_count(), jax.process_index()
-    local_bs = t.batch_size // n_proc
-
-    def batches():
-      for batch in images.image_eval_batches(subset, self.prep, t.batch_size,
-                                             num_threads=d.num_threads):
-        yield {k: batch[k][pid * local_bs:(pid + 1) * local_bs] for k in ("image", "valid")}
-    return batches
+    return images.run_eval_batches(config, data.eval, self.prep)
 
   # --- the networks ------------------------------------------------------------------
 
