@@ -58,12 +58,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if size == "124m":
     c.train.update(steps=600_000, batch_size=512, eval_every=2000, checkpoint_every=2000)
     c.data.update(source="tfds:lm1b:train", eval_source="tfds:lm1b:test", eval_batches=50)
-    c.optim.update(lr=6e-4, warmup_steps=2000)
+    # 512 rows in 4 micro-batches: on a v5e-16, 32 whole rows per chip make float32
+    # logits (and their gradient) of 6 GiB each, past its 16 GiB (README, `tx-jax plan`).
+    c.optim.update(lr=6e-4, warmup_steps=2000, accumulate_steps=4)
   if size == "1b":
     # GPT-3 XL's recipe scale: 1M-token batches (512 x 2048), lr 2e-4; FSDP over all chips.
     c.train.update(steps=300_000, batch_size=512, eval_every=2000, checkpoint_every=1000)
     c.data.update(source="tfds:lm1b:train", eval_source="tfds:lm1b:test", eval_batches=50)
-    c.optim.update(lr=2e-4, warmup_steps=2000)
+    # 4 micro-batches of 128 rows: a v5p-8 holds 16 rows of 2048 tokens per chip at once.
+    c.optim.update(lr=2e-4, warmup_steps=2000, accumulate_steps=4)
     c.mesh.update(data=1, fsdp=-1)
   if size == "bench":
     c.train.update(batch_size=8)

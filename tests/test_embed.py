@@ -380,6 +380,7 @@ def test_topics_end_to_end_and_rerun_from_any_step(tmp_path, capsys):
       os.listdir(out / "report"))
   report = json.loads((out / "report" / "report.json").read_text())
   assert report["k"] == 3 and report["n"] == 240 and "nmi" in report["metrics"]
+  assert report["features"] == "both"  # A model pretrained here is joined by TF-IDF.
   with np.load(out / "embeddings.npz") as z:
     assert z["embeddings"].shape == (240, 128) and len(z["texts"]) == 240
   mtime = (out / "embeddings.npz").stat().st_mtime

@@ -33,7 +33,7 @@ def analyze_summary(args, embeddings: str, out: str, data: str | None = None,
     report = topics_report(
         embeddings, out, data=data, map_reduce=args.reduce or "umap", method=method, k=args.k,
         min_topic_size=args.min_topic_size, reduce_topics=args.reduce_topics,
-        features=args.features, outliers=args.outliers, time_bin=args.time_bin,
+        features=args.features or "model", outliers=args.outliers, time_bin=args.time_bin,
         urls=args.urls, mentions=args.mentions, min_df=args.min_df, n_terms=args.top_terms,
         diversity=args.diversity, n_examples=args.examples, seed=args.seed,
         normalize=None if args.normalize == "none" else args.normalize)
@@ -113,6 +113,9 @@ def run_topics(args):
     if not get_objective(name).uses_tokenizer:
       raise UserError(f"--encoder {args.encoder!r} holds an image model ({name}); topics "
                       "embeds posts with a text model")
+  # A tiny model pretrained on the posts alone knows little English; beside TF-IDF
+  # it adds what it learned of the posts without falling below the bag of words.
+  args.features = args.features or ("model" if args.encoder else "both")
   out = os.path.abspath(args.out)
   a = vars(args)
   wanted = {
