@@ -34,7 +34,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                                                       sentence_task=""))
   model = make_config(ENCODER_SIZES, size)
   if size == "base":
-    model = dataclasses.replace(model, dtype="bfloat16", dropout_rate=0.1)
+    # Scanned (one compiled layer, flat compile time in depth), matmul outputs kept.
+    model = dataclasses.replace(model, dtype="bfloat16", dropout_rate=0.1, scan_layers=True,
+                                remat="dots")
   c.model = ml_collections.ConfigDict(dataclasses.asdict(model))
 
   c.data = ml_collections.ConfigDict(dict(

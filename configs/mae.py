@@ -37,7 +37,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "mae"
   flat = make_vit_config("tiny" if size == "tiny" else "B/16",
-                         **({"dtype": "bfloat16", "remat": "dots"} if size == "b16" else {}))
+                         **({"dtype": "bfloat16", "remat": "dots", "scan_layers": True}
+                            if size == "b16" else {}))
   encoder, vit, decoder = vit_configs(flat)
   # Every encoder field, the ViT geometry, and the decoder's own widths.
   c.model = ml_collections.ConfigDict({

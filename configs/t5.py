@@ -43,7 +43,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.objective_options = ml_collections.ConfigDict()
   model = make_config(ENC_DEC_SIZES, size)
   if size == "base":
-    model = dataclasses.replace(model, dtype="bfloat16", dropout_rate=0.1)
+    # Scanned stacks (one compiled layer each), matmul outputs kept.
+    model = dataclasses.replace(model, dtype="bfloat16", dropout_rate=0.1, scan_layers=True,
+                                remat="dots")
   c.model = ml_collections.ConfigDict(dataclasses.asdict(model))
 
   specials = t5_specials(NUM_SENTINELS)   # <pad> (decoder start), </s>, <extra_id_0..99>

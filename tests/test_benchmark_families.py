@@ -42,3 +42,6 @@ def test_benchmark_runs_for_every_family(path):
   rate, flops = record[f"{unit}_per_s"], record[f"flops_per_{unit[:-1]}"]
   assert rate > 0 and flops > 0 and math.isfinite(flops)
   assert 0 < record["mfu"] and record["compile_s"] > 0 and record["params"] > 0
+  parts = [record[k] for k in ("lower_s", "xla_compile_s", "first_step_s")]
+  assert min(parts) > 0 and record["compile_s"] == pytest.approx(sum(parts))
+  assert record["peak_rss_mb"] > 100  # the process holds at least JAX itself

@@ -184,17 +184,14 @@ def _lower(train_step, mesh, rules, state, batch):
 
 
 def _compile_all(lowered: dict, options: dict) -> dict:
-  """{name: compiled, or the exception it raised}, compiled side by side (libtpu's
-  compiler leaves the GIL; on a small CPU the gain is modest, but it is free)."""
-  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
-
+  """{name: compiled, or the exception it raised}. (Compiling them in threads gains
+  nothing here: libtpu's compiler already keeps two cores busy.)"""
   def one(name):
     try:
       return lowered[name].compile(compiler_options=options.get(name))
     except Exception as e:  # pylint: disable=broad-except
       return e
-  with ThreadPoolExecutor(max(1, len(lowered))) as pool:
-    return dict(zip(lowered, pool.map(one, lowered)))
+  return {name: one(name) for name in lowered}
 
 
 def _is_oom(e: Exception) -> bool:
@@ -293,11 +290,7 @@ def plan(config, topology: str, devices=None, chip=None) -> dict:
          "unit": objective.unit, f"{objective.unit}_per_step": units,
          "model_flops_per_step": model_flops}
   t0 = time.perf_counter()
-  twins, depths, accumulate = _loop_free_twins(config, devices)
-  lowered = {"step": _lower(train_step, mesh, rules, state, batch),
-             **{f"twin:{k}": v for k, v in twins.items()}}
-  compiled = _compile_all(lowered, {name: COST_OPTIONS for name in lowered if name != "step"})
-  step = compiled.pop("step")
+  step = _compile_all({"step": _lower(train_step, mesh, rules, state, batch)}, {})["step"]
   if isinstance(step, Exception):
     if not _is_oom(step):
       raise step
@@ -311,7 +304,8 @@ def plan(config, topology: str, devices=None, chip=None) -> dict:
   mem = step.memory_analysis()
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  loop_free = _loop_free_cost({k[len("twin:"):]: v for k, v in compiled.items()}, depths,
+  twins, depths, accumulate = _loop_free_twins(config, devices)
+  loop_free = _loop_free_cost(_compile_all(twins, dict.fromkeys(twins, COST_OPTIONS)), depths,
                               accumulate)
   if loop_free is not None:
     cost = loop_free
