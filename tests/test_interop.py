@@ -489,16 +489,17 @@ def test_hf_tokenizer_wordpiece(tmp_path):
 # ------------------------------------------------------------------ export of tx_jax-made params
 
 
-def test_export_of_tx_jax_initialised_gpt(tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_export_of_tx_jax_initialised_gpt(tmp_path, scan):
   from tx_jax.models import DecoderLM, TransformerConfig
-  cfg = TransformerConfig(vocab_size=61, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
-                          max_len=16, norm_eps=1e-5)
+  cfg = TransformerConfig(vocab_size=61, num_layers=3, d_model=32, num_heads=4, mlp_dim=64,
+                          max_len=16, norm_eps=1e-5, scan_layers=scan)
   model = DecoderLM(cfg)
   tokens = np.random.default_rng(8).integers(0, 61, (2, 16))
   boxed = model.init(jax.random.key(1), jnp.zeros((1, 16), jnp.int32))["params"]  # as trained
   ours, _ = model.apply({"params": boxed}, jnp.asarray(tokens, jnp.int32))
   config = {f: getattr(cfg, f) for f in ("vocab_size", "num_layers", "d_model", "num_heads",
-                                         "mlp_dim", "max_len", "norm_eps")}
+                                         "mlp_dim", "max_len", "norm_eps", "scan_layers")}
   interop.save_hf("gpt2", config, boxed, str(tmp_path))
   hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
   with torch.no_grad():

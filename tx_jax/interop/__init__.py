@@ -18,7 +18,8 @@ loads with transformers' `from_pretrained`.
 
 Tensors are checked by name and shape against the tree the tx_jax model's
 `init` makes: a missing, extra or misshaped tensor is a UserError naming it.
-Layers come out unscanned (model.scan_layers=False); export needs the same.
+Layers come out unscanned (model.scan_layers=False); a scanned model's stacks are
+unstacked on export.
 Half-precision checkpoints are widened to float32 (model.param_dtype).
 """
 
@@ -117,6 +118,8 @@ def save_hf(family: str, model_config: dict, params, out_dir: str, *,
   if family not in FAMILIES:
     raise UserError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
   params = _plain(params)
+  if model_config.get("scan_layers"):
+    params, model_config = unscan(params), {**model_config, "scan_layers": False}
   architecture = FAMILIES[family].save(model_config, params, out_dir,
                                        **_save_options(family, objective_options))
   if tokenizer is not None:
@@ -129,6 +132,24 @@ def _save_options(family: str, options: dict | None) -> dict:
   if family in ("vit", "vit_mae"):
     return {"mask_ratio": options["mask_ratio"]} if "mask_ratio" in options else {}
   return {}
+
+
+def unscan(tree):
+  """Params of scanned stacks (`layers`: every leaf has a leading layer axis) as the
+  unscanned model names them (`block_00`, `block_01`, ...), as numpy arrays."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == "layers" and isinstance(value, dict):
+      import jax  # pylint: disable=g-import-not-at-top
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      (depth,) = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(value)}  # one stack
+      for i in range(depth):
+        out[f"block_{i:02d}"] = jax.tree_util.tree_map(lambda x, i=i: np.asarray(x)[i], value)
+    else:
+      out[key] = unscan(value)
+  return out
 
 
 def _plain(tree):

@@ -343,9 +343,6 @@ def check_exportable(cfg, family: str, free_head_dim: bool = False, **expected) 
     raise UserError(f"{family} needs model.head_dim * num_heads == d_model")
   if cfg.kv_heads != cfg.num_heads:
     raise UserError(f"{family} has no grouped-query attention; model.num_kv_heads must be 0")
-  if cfg.scan_layers:
-    raise UserError("export needs unscanned layers: set model.scan_layers=False and re-read "
-                    "the params (the scanned tree stacks the blocks)")
   for name, want in expected.items():
     if getattr(cfg, name) != want:
       raise UserError(f"{family} cannot express model.{name}={getattr(cfg, name)!r} "
