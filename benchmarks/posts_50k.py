@@ -15,6 +15,13 @@ the topics overlap), then runs the real commands as subprocesses:
    /proc, sampled every 0.2 s), plus the RSS timeline while embedding, which
    must stay flat (tokens are made one batch at a time).
 
+With `--encoder WORKDIR` (e.g. an imported all-MiniLM-L6-v2) only the whole path
+runs, embedding with that model instead of pretraining one; the RSS timeline of its
+embedding phase is recorded the same way:
+
+  python benchmarks/posts_50k.py --posts 200000 --encoder runs/minilm \
+      --out benchmarks/results/posts_200k_minilm.json
+
 The machine is shared: the 1-minute load average is recorded next to every
 timing.
 """
