@@ -150,3 +150,32 @@ def test_benchmark_and_tokenizer_commands(tmp_path):
   assert tok.returncode == 0, tok.stderr[-2000:]
   assert (tmp_path / "spm.model").exists()
   assert json.loads(tok.stdout.strip().splitlines()[-1])["vocab_size"] == 300
+
+
+def _short_run(tmp_path, name, steps, log_every):
+  from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tx_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.apply_overrides(config_lib.load_config_file("configs/gpt.py"), [
+      f"train.steps={steps}", f"train.log_every={log_every}", f"train.eval_every={steps}",
+      f"train.checkpoint_every={steps}", "data.tokenizer=byte", "model.vocab_size=256",
+      "data.eval_batches=2"])
+  train(config, str(tmp_path / name))
+
+
+def test_the_loop_reads_from_devices_only_at_log_eval_and_checkpoint_steps(tmp_path,
+                                                                           monkeypatch):
+  # No implicit device-to-host transfer anywhere in a run (float() of a device array,
+  # np.asarray of one): JAX's guard raises on the first.
+  with jax.transfer_guard_device_to_host("disallow"):
+    _short_run(tmp_path, "guarded", steps=4, log_every=2)
+  # The explicit ones: as many in 12 steps as in 4 when both log, evaluate and
+  # checkpoint once, at the end; none belongs to the steps in between.
+  calls = []
+  real = jax.device_get
+  monkeypatch.setattr(jax, "device_get", lambda x: calls.append(1) or real(x))
+  counts = []
+  for steps in (4, 12):
+    calls.clear()
+    _short_run(tmp_path, f"run{steps}", steps=steps, log_every=steps)
+    counts.append(len(calls))
+  assert counts[0] == counts[1] > 0, counts

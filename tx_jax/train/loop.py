@@ -169,14 +169,15 @@ def train(config, workdir: str) -> dict:
         t0, units = time.perf_counter(), 0
       done = step + 1
       if done % t.log_every == 0 or done == total_steps:
-        metrics, skip_run, halted_step, skipped = jax.device_get(
-            (metrics, state.skip_run, state.step, state.skipped))
+        # The step's only transfer to the host, explicit and at log steps only.
+        metrics, skip_run, halted_step, skipped, lr = jax.device_get(
+            (metrics, state.skip_run, state.step, state.skipped, exp.lr(done - 1)))
         _raise_if_halted(int(skip_run), int(halted_step), halt_after, t, checkpointer)
         elapsed = time.perf_counter() - t0
         if flops_per_unit is None:
           flops_per_unit = exp.objective.flops_per_unit(state.params, exp.init_len)
         rate = units / max(elapsed, 1e-9)
-        record = {"train/loss": float(metrics["train/loss"]), "lr": float(exp.lr(done - 1)),
+        record = {"train/loss": float(metrics["train/loss"]), "lr": float(lr),
                   f"{exp.objective.unit}_per_s": rate, "mfu": rate * flops_per_unit / peak,
                   "grad_norm": float(metrics["grad_norm"]),
                   "param_norm": float(metrics["param_norm"]),
