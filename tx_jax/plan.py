@@ -183,17 +183,6 @@ def _lower(train_step, mesh, rules, state, batch):
     return train_step.lower(state, batch)
 
 
-def _compile_all(lowered: dict, options: dict) -> dict:
-  """{name: compiled, or the exception it raised}. (Compiling them in threads gains
-  nothing here: libtpu's compiler already keeps two cores busy.)"""
-  def one(name):
-    try:
-      return lowered[name].compile(compiler_options=options.get(name))
-    except Exception as e:  # pylint: disable=broad-except
-      return e
-  return {name: one(name) for name in lowered}
-
-
 def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in str(e) or "ut of memory" in str(e)
 
@@ -218,18 +207,18 @@ COST_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
-def _loop_free_twins(config, devices) -> tuple[dict, dict, int]:
-  """The lowered twins whose costs make the step's loop-free cost.
+def _loop_free_cost(config, devices) -> dict | None:
+  """Per-device cost of the step as if it had no loops; None where a twin runs out of HBM.
 
   XLA's cost analysis counts a while loop's body once, so a scanned layer
   stack, the micro-batch scan of accumulation and the windowed einsums of
   sharded matmuls would be undercounted. Twins of the step without them carry
   the cost: unrolled layers, one micro-batch (its cost times accumulate_steps;
   exact for the FLOPs up to the optimizer update, which runs once per step), no
-  windowed einsums. For scanned stacks a twin is lowered at depth 1 and, per
+  windowed einsums. For scanned stacks a twin is compiled at depth 1 and, per
   stack, at depth 2, and the per-layer difference is extrapolated to the real
   depth (layers of a stack are identical, so this is exact up to XLA's fusion
-  choices). Returns ({name: lowered}, {stack key: depth}, accumulate_steps).
+  choices).
   """
   import copy  # pylint: disable=g-import-not-at-top
   model = config.model
@@ -244,26 +233,25 @@ def _loop_free_twins(config, devices) -> tuple[dict, dict, int]:
       c.optim.accumulate_steps = 1
       c.train.batch_size = config.train.batch_size // accumulate
     _, mesh, rules, train_step, state, batch = _abstract_step(c, devices)
-    return _lower(train_step, mesh, rules, state, batch)
-
-  lowered = {"base": twin(**{k: 1 for k in depths})}
-  for key in depths:
-    lowered[key] = twin(**{k: 2 if k == key else 1 for k in depths})
-  return lowered, depths, accumulate
-
-
-def _loop_free_cost(compiled: dict, depths: dict, accumulate: int) -> dict | None:
-  """Per-device cost of the step from its compiled twins; None where one ran out of HBM."""
-  for c in compiled.values():
-    if isinstance(c, Exception):
-      if _is_oom(c):
+    try:
+      compiled = _lower(train_step, mesh, rules, state, batch).compile(
+          compiler_options=COST_OPTIONS)
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_oom(e):
         return None
-      raise c
-  cost = {name: {k: v * accumulate for k, v in _cost(c).items()} for name, c in compiled.items()}
-  total = dict(cost["base"])
+      raise
+    return {k: v * accumulate for k, v in _cost(compiled).items()}
+
+  base = twin(**{k: 1 for k in depths})
+  if base is None:
+    return None
+  total = dict(base)
   for key, depth in depths.items():
+    deeper = twin(**{k: 2 if k == key else 1 for k in depths})
+    if deeper is None:
+      return None
     for k in COST_KEYS:
-      total[k] += (depth - 1) * (cost[key][k] - cost["base"][k])
+      total[k] += (depth - 1) * (deeper[k] - base[k])
   return total
 
 
@@ -290,11 +278,13 @@ def plan(config, topology: str, devices=None, chip=None) -> dict:
          "unit": objective.unit, f"{objective.unit}_per_step": units,
          "model_flops_per_step": model_flops}
   t0 = time.perf_counter()
-  step = _compile_all({"step": _lower(train_step, mesh, rules, state, batch)}, {})["step"]
-  if isinstance(step, Exception):
-    if not _is_oom(step):
-      raise step
-    message = str(step)
+  lowered = _lower(train_step, mesh, rules, state, batch)
+  try:
+    step = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_oom(e):
+      raise
+    message = str(e)
     needed, available = _oom(message)
     out.update(fits=False, compile_s=time.perf_counter() - t0, bytes_per_chip=needed,
                shortfall_bytes=None if needed is None else needed - (available or chip.hbm_bytes),
@@ -304,9 +294,7 @@ def plan(config, topology: str, devices=None, chip=None) -> dict:
   mem = step.memory_analysis()
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  twins, depths, accumulate = _loop_free_twins(config, devices)
-  loop_free = _loop_free_cost(_compile_all(twins, dict.fromkeys(twins, COST_OPTIONS)), depths,
-                              accumulate)
+  loop_free = _loop_free_cost(config, devices)
   if loop_free is not None:
     cost = loop_free
     cost_source = ("unrolled twins, per-layer extrapolation" if config.model.get("scan_layers")
