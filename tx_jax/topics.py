@@ -33,7 +33,7 @@ def analyze_summary(args, embeddings: str, out: str, data: str | None = None,
     report = topics_report(
         embeddings, out, data=data, map_reduce=args.reduce or "umap", method=method, k=args.k,
         min_topic_size=args.min_topic_size, reduce_topics=args.reduce_topics,
-        features=args.features or "model", outliers=args.outliers, time_bin=args.time_bin,
+        features=args.features, outliers=args.outliers, time_bin=args.time_bin,
         urls=args.urls, mentions=args.mentions, min_df=args.min_df, n_terms=args.top_terms,
         diversity=args.diversity, n_examples=args.examples, seed=args.seed,
         normalize=None if args.normalize == "none" else args.normalize)
