@@ -137,13 +137,13 @@ def _save_options(family: str, options: dict | None) -> dict:
 def unscan(tree):
   """Params of scanned stacks (`layers`: every leaf has a leading layer axis) as the
   unscanned model names them (`block_00`, `block_01`, ...), as numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   if not isinstance(tree, dict):
     return tree
   out = {}
   for key, value in tree.items():
     if key == "layers" and isinstance(value, dict):
-      import jax  # pylint: disable=g-import-not-at-top
-      import numpy as np  # pylint: disable=g-import-not-at-top
       (depth,) = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(value)}  # one stack
       for i in range(depth):
         out[f"block_{i:02d}"] = jax.tree_util.tree_map(lambda x, i=i: np.asarray(x)[i], value)
