@@ -14,8 +14,9 @@ import pytest
 
 from tx_jax import cli
 from tx_jax.data import labelled, sources
-from tx_jax.objectives.classification import (classification_sums, confusion_metrics,
-                                              layer_of)
+from tx_jax.evaluation.confusion import confusion_metrics
+from tx_jax.objectives.classification import classification_sums
+from tx_jax.objectives.transfer import layer_of
 from tx_jax.train import checkpoint as ckpt_lib
 from tx_jax.train import config as config_lib
 from tx_jax.train import loop

@@ -1,8 +1,35 @@
-"""A confusion matrix drawn as PNG (matplotlib, Agg backend)."""
+"""Confusion matrices: their metrics, a PNG (matplotlib, Agg backend), and the
+classifier's per-eval writer of both."""
 
+import json
 import os
 
+import jax
 import numpy as np
+
+
+def confusion_metrics(confusion: np.ndarray, names: list[str] | None = None) -> dict:
+  """Accuracy, macro-F1 and per-class precision / recall / f1 / support of a confusion
+  matrix (rows true, columns predicted). Macro-F1 averages over the classes that occur
+  as a label or a prediction (as scikit-learn's f1_score(average="macro")); an
+  undefined precision or recall counts as 0."""
+  c = np.asarray(confusion, np.float64)
+  tp, support, predicted = np.diag(c), c.sum(1), c.sum(0)
+  precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+  denom = precision + recall
+  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+  present = (support > 0) | (predicted > 0)
+  total = max(c.sum(), 1.0)
+  metrics = {"accuracy": float(tp.sum() / total),
+             "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+  names = names or [str(i) for i in range(len(c))]
+  for i, name in enumerate(names):
+    metrics[f"precision/{name}"] = float(precision[i])
+    metrics[f"recall/{name}"] = float(recall[i])
+    metrics[f"f1/{name}"] = float(f1[i])
+    metrics[f"support/{name}"] = float(support[i])
+  return metrics
 
 
 def save_confusion_matrix(path: str, confusion: np.ndarray, names: list[str],
@@ -42,3 +69,32 @@ def save_confusion_matrix(path: str, confusion: np.ndarray, names: list[str],
   plt.close(fig)
   os.replace(tmp, path)
   return path
+
+
+class ConfusionEvaluation:
+  """At every eval: workdir/confusion/step_XXXXXX.png of the eval set's confusion matrix
+  (from the sums `summarize` just turned into metrics) and workdir/labels.json."""
+
+  def __init__(self, objective):
+    self.objective = objective   # has .labels and .last_confusion (the eval sums')
+
+  def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
+    """Writes the PNG and labels.json (process 0); no extra metrics."""
+    del params
+    if jax.process_index() != 0:
+      return {}
+    obj = self.objective
+    path = os.path.join(workdir, "labels.json")
+    if not os.path.exists(path):
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump({"labels": obj.labels}, f, indent=2)
+      os.replace(tmp, path)
+    if obj.last_confusion is not None:
+      save_confusion_matrix(os.path.join(workdir, "confusion", f"step_{step:06d}.png"),
+                            obj.last_confusion, obj.labels, title=f"step {step}: eval set")
+    return {}
+
+  def metrics(self, params) -> dict[str, float]:
+    """No metrics beyond the eval sums' (`tx-jax eval`)."""
+    return {}

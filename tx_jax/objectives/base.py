@@ -75,7 +75,7 @@ def get_objective(name: str) -> type:
 def available() -> list[str]:
   """Every registered objective name (imports each objective module once)."""
   for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
-    if info.name not in ("base", "text"):
+    if info.name not in ("base", "text", "transfer"):  # shared helpers, no objective
       importlib.import_module(f"tx_jax.objectives.{info.name}")
   return sorted(_REGISTRY)
 

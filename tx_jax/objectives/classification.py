@@ -25,9 +25,6 @@ tokenizer and image normalisation are adopted, see `adopt`).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import re
 
 import flax.linen as nn
 import jax
@@ -39,11 +36,12 @@ import optax
 from tx_jax.data import images, labelled, sources
 from tx_jax.data.doc_policy import DocPolicy
 from tx_jax.errors import UserError
-from tx_jax.evaluation.confusion import save_confusion_matrix
+from tx_jax.evaluation.confusion import ConfusionEvaluation, confusion_metrics
 from tx_jax.models import DecoderLM, Encoder, EncoderDecoder, TransformerConfig, count_params
 from tx_jax.models.layers import Projection
 from tx_jax.models.vit import ViT, ViTConfig, vit_configs
 from tx_jax.objectives.base import Data, register
+from tx_jax.objectives.transfer import graft, layer_of, parse_mode
 from tx_jax.objectives.text import (POOLINGS, TextObjective, check_vocab, host_eval_batches, pool,
                                     process_shards, transformer_config, transformer_flops)
 
@@ -119,106 +117,6 @@ def classification_sums(logits, labels, valid, class_weights=None, smoothing: fl
   return loss, {"nll": jnp.sum(jnp.where(rows, nll, 0.0)), "count": jnp.sum(count),
                 "correct": jnp.sum((pred == labels) * count), "confusion": confusion,
                 "weight": weight}
-
-
-def confusion_metrics(confusion: np.ndarray, names: list[str] | None = None) -> dict:
-  """Accuracy, macro-F1 and per-class precision / recall / f1 / support of a confusion
-  matrix (rows true, columns predicted). Macro-F1 averages over the classes that occur
-  as a label or a prediction (as scikit-learn's f1_score(average="macro")); an
-  undefined precision or recall counts as 0."""
-  c = np.asarray(confusion, np.float64)
-  tp, support, predicted = np.diag(c), c.sum(1), c.sum(0)
-  precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-  recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-  denom = precision + recall
-  f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-  present = (support > 0) | (predicted > 0)
-  total = max(c.sum(), 1.0)
-  metrics = {"accuracy": float(tp.sum() / total),
-             "macro_f1": float(f1[present].mean()) if present.any() else 0.0}
-  names = names or [str(i) for i in range(len(c))]
-  for i, name in enumerate(names):
-    metrics[f"precision/{name}"] = float(precision[i])
-    metrics[f"recall/{name}"] = float(recall[i])
-    metrics[f"f1/{name}"] = float(f1[i])
-    metrics[f"support/{name}"] = float(support[i])
-  return metrics
-
-
-def parse_mode(mode: str, num_layers: int) -> tuple[str, int]:
-  """("full" | "linear_probe" | "freeze_below", N) from finetune.mode."""
-  if mode in ("full", "linear_probe"):
-    return mode, 0
-  m = re.fullmatch(r"freeze_below:(\d+)", str(mode))
-  if not m:
-    raise UserError(f"finetune.mode={mode!r}: use full, linear_probe or freeze_below:N")
-  n = int(m.group(1))
-  if n > num_layers:
-    raise UserError(f"finetune.mode={mode}: the body has only {num_layers} layers; use "
-                    f"freeze_below:0..{num_layers}")
-  return "freeze_below", n
-
-
-def layer_of(path: tuple[str, ...], num_layers: int) -> int:
-  """Depth of a parameter: 0 embeddings, 1..L blocks, L + 1 final norm and head."""
-  if path[0] == "head":
-    return num_layers + 1
-  for name in path:
-    m = re.fullmatch(r"block_(\d+)", name)
-    if m:
-      return int(m.group(1)) + 1
-  if any(name in ("final_norm", "encoder_norm") for name in path):
-    return num_layers + 1
-  return 0
-
-
-def _paths(tree) -> list[tuple[str, ...]]:
-  return [tuple(getattr(k, "key", str(k)) for k in p)
-          for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _flat(tree) -> dict[str, object]:
-  return {"/".join(p): leaf for p, leaf in zip(_paths(tree), jax.tree_util.tree_leaves(tree))}
-
-
-def graft(fresh, source, prefix: str = "body") -> tuple[dict, dict]:
-  """fresh params with every `prefix/...` leaf replaced by the same path of `source`.
-
-  -> (params, report {"loaded", "new", "dropped": [paths], "*_params": counts}).
-  The body must be fully covered with equal shapes (UserError otherwise, one line);
-  source leaves the body does not have are dropped; leaves outside `prefix` stay new,
-  unless `source` has them with the same shape (re-fine-tuning a classifier).
-  """
-  src = {k: np.asarray(v) for k, v in _flat(source).items()}
-  out, loaded, new = {}, [], []
-  for key, leaf in _flat(fresh).items():
-    inner = key[len(prefix) + 1:] if key.startswith(prefix + "/") else None
-    src_key = inner if inner is not None else key
-    have = src.get(src_key)
-    if inner is not None and have is None:
-      raise UserError(f"init_from does not fit this model: it has no {inner!r} (it holds "
-                      f"{', '.join(sorted(src)[:6])} ...); use a workdir of the same family")
-    if have is not None and tuple(have.shape) != tuple(np.shape(leaf)):
-      if inner is None:  # a head for other classes: start it fresh
-        out[key] = leaf
-        new.append(key)
-        continue
-      raise UserError(f"init_from does not fit this model: {inner} is {tuple(have.shape)} "
-                      f"there but {tuple(np.shape(leaf))} here")
-    if have is None:
-      out[key] = leaf
-      new.append(key)
-    else:
-      out[key] = have.astype(np.asarray(leaf).dtype)
-      loaded.append(src_key)
-  used = set(loaded)
-  dropped = sorted(k for k in src if k not in used)
-  size = lambda keys, tree: int(sum(np.size(tree[k]) for k in keys))
-  report = {"loaded": loaded, "new": new, "dropped": dropped,
-            "loaded_params": size(loaded, src), "new_params": size(new, out),
-            "dropped_params": size(dropped, src)}
-  treedef = jax.tree_util.tree_structure(fresh)
-  return jax.tree_util.tree_unflatten(treedef, [out[k] for k in _flat(fresh)]), report
 
 
 # ------------------------------------------------------------------ the objective
@@ -601,32 +499,3 @@ class Classification(TextObjective):
   def probabilities(self, params, batch):
     """Class probabilities (B, K) float32; traced under jit."""
     return jax.nn.softmax(self.logits(params, batch)[0], axis=-1)
-
-
-class ConfusionEvaluation:
-  """At every eval: workdir/confusion/step_XXXXXX.png of the eval set's confusion matrix
-  (from the sums `summarize` just turned into metrics) and workdir/labels.json."""
-
-  def __init__(self, objective: Classification):
-    self.objective = objective
-
-  def __call__(self, params, step: int, workdir: str) -> dict[str, float]:
-    """Writes the PNG and labels.json (process 0); no extra metrics."""
-    del params
-    if jax.process_index() != 0:
-      return {}
-    obj = self.objective
-    path = os.path.join(workdir, "labels.json")
-    if not os.path.exists(path):
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump({"labels": obj.labels}, f, indent=2)
-      os.replace(tmp, path)
-    if obj.last_confusion is not None:
-      save_confusion_matrix(os.path.join(workdir, "confusion", f"step_{step:06d}.png"),
-                            obj.last_confusion, obj.labels, title=f"step {step}: eval set")
-    return {}
-
-  def metrics(self, params) -> dict[str, float]:
-    """No metrics beyond the eval sums' (`tx-jax eval`)."""
-    return {}
