@@ -1,11 +1,13 @@
-"""tx_jax GPT train step vs a PyTorch eager reference of the same shape, same run.
+"""tx_jax GPT train step vs PyTorch references of the same shape, same run.
 
   python benchmarks/gpt_cpu.py [--rounds 3] [--steps 20]
 
-Alternates the two (JAX, torch, JAX, torch, ...) in fresh processes so drift in
-machine speed hits both, then writes benchmarks/results/gpt_bench_cpu.{json,md}.
+Alternates the three (JAX, torch eager, torch.compile, JAX, ...) in fresh
+processes so drift in machine speed hits all of them, records the load average
+before and after, then writes benchmarks/results/gpt_bench_cpu.{json,md}.
 Shape: configs/gpt.py:bench (4 layers, d 256, 4 heads, MLP 1024, seq 256,
-batch 8, byte vocab, fp32, learned positions, tied embeddings).
+batch 8, byte vocab, fp32, learned positions, tied embeddings). MFU is against
+the fp32 matmul peak that each tx_jax run measures (`tx-jax benchmark`).
 """
 
 import argparse
@@ -30,34 +32,51 @@ def main():
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)
   args = p.parse_args()
-  jax_cmd = [sys.executable, "-m", "tx_jax", "benchmark", "--config", "configs/gpt.py:bench",
-             "--steps", str(args.steps)]
-  torch_cmd = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--steps",
+  torch_ref = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--steps",
                str(args.steps)]
-  runs = {"jax": [], "torch": []}
+  cmds = {"jax": [sys.executable, "-m", "tx_jax", "benchmark", "--config",
+                  "configs/gpt.py:bench", "--steps", str(args.steps)],
+          "torch_eager": torch_ref, "torch_compile": torch_ref + ["--compile"]}
+  runs = {k: [] for k in cmds}
+  load0 = os.getloadavg()[0]
   for _ in range(args.rounds):
-    runs["jax"].append(run_json(jax_cmd))
-    runs["torch"].append(run_json(torch_cmd))
-  med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
-  mfu = statistics.median(r["mfu"] for r in runs["jax"])
+    for name, cmd in cmds.items():
+      runs[name].append(run_json(cmd))
+  load1 = os.getloadavg()[0]
+  rates = {k: [r["tokens_per_s"] for r in v] for k, v in runs.items()}
+  med = {k: statistics.median(v) for k, v in rates.items()}
+  flops = runs["jax"][0]["flops_per_token"]
+  peak = statistics.median(r["peak_flops"] for r in runs["jax"])
   result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
-            "jax_tokens_per_s": med["jax"], "torch_tokens_per_s": med["torch"],
-            "jax_over_torch": med["jax"] / med["torch"], "jax_mfu": mfu,
-            "flops_per_token": runs["jax"][0]["flops_per_token"],
-            "peak_flops": statistics.median(r["peak_flops"] for r in runs["jax"]),
-            "compile_s": statistics.median(r["compile_s"] for r in runs["jax"]),
+            "load_average_1m": [load0, load1], "tokens_per_s_median": med,
+            "tokens_per_s_range": {k: [min(v), max(v)] for k, v in rates.items()},
+            "jax_over_torch_eager": med["jax"] / med["torch_eager"],
+            "jax_over_torch_compile": med["jax"] / med["torch_compile"],
+            "mfu": {k: v * flops / peak for k, v in med.items()},
+            "flops_per_token": flops, "peak_flops": peak,
+            "jax_compile_s": statistics.median(r["compile_s"] for r in runs["jax"]),
+            "torch_compile_warmup_s": statistics.median(
+                r["warmup_s"] for r in runs["torch_compile"]),
             "runs": runs}
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   with open(os.path.join(HERE, "results", "gpt_bench_cpu.json"), "w") as f:
     json.dump(result, f, indent=2)
+  version = runs["torch_eager"][0]["torch_version"]
+  labels = {"jax": "tx_jax (jit, fp32)", "torch_eager": f"PyTorch {version} eager",
+            "torch_compile": f"PyTorch {version} torch.compile (inductor)"}
+  rows = "".join(
+      f"| {labels[k]} | {med[k]:.0f} | {min(rates[k]):.0f}-{max(rates[k]):.0f} | "
+      f"{result['mfu'][k]:.2f} |\n" for k in cmds)
   md = (f"# GPT bench shape, train step, CPU ({result['machine']})\n\n"
-        f"| implementation | tokens/s (median of {args.rounds}) | MFU |\n|---|---|---|\n"
-        f"| tx_jax (jit, fp32) | {med['jax']:.0f} | {mfu:.2f} |\n"
-        f"| PyTorch {runs['torch'][0]['torch_version']} eager | {med['torch']:.0f} | "
-        f"{med['torch'] * result['flops_per_token'] / result['peak_flops']:.2f} |\n\n"
-        f"tx_jax / PyTorch = {result['jax_over_torch']:.2f}; compile "
-        f"{result['compile_s']:.1f} s; MFU against a measured fp32 matmul peak of "
-        f"{result['peak_flops'] / 1e9:.0f} GFLOP/s.\n")
+        f"| implementation | tokens/s (median of {args.rounds}) | range | MFU |\n"
+        f"|---|---|---|---|\n{rows}\n"
+        f"tx_jax / PyTorch eager = {result['jax_over_torch_eager']:.2f}; tx_jax / "
+        f"torch.compile = {result['jax_over_torch_compile']:.2f}. MFU against the fp32 "
+        f"matmul peak measured by the tx_jax runs ({peak / 1e9:.0f} GFLOP/s), "
+        f"{flops / 1e6:.1f} MFLOP per token (6N + 12 L d T). tx_jax compile "
+        f"{result['jax_compile_s']:.1f} s; torch.compile's first 3 steps "
+        f"{result['torch_compile_warmup_s']:.1f} s. Load average {load0:.1f} before, "
+        f"{load1:.1f} after.\n")
   with open(os.path.join(HERE, "results", "gpt_bench_cpu.md"), "w") as f:
     f.write(md)
   print(md)

@@ -123,14 +123,14 @@ class Generator(nn.Module):
     vit = gan.vit(posemb="learned")
     n = vit.num_patches
     # One kernel (Z, N, D): every token reads the whole noise vector.
-    x = Projection(cfg, (n, cfg.d_model), ("latent", "positions", "embed"), "bz,znd->bnd",
+    x = Projection(cfg, (n, cfg.d_model), ("latent", "positions", "embed"),
                    name="tokens")(z.astype(jnp.float32))                        # (B, N, D)
     x = PositionEmbedding(cfg, vit, name="posemb")(x)
     x = constrain(x, ("act_batch", "act_len", "act_embed"))
     h, _ = Stack(cfg, cfg.num_layers, deterministic=deterministic, name="blocks")(
         x, {"mask": None})
     h = make_norm(cfg, "final_norm")(h)
-    pixels = Projection(cfg, (vit.patch_dim,), ("embed", "patch_pixels"), "bnd,dp->bnp",
+    pixels = Projection(cfg, (vit.patch_dim,), ("embed", "patch_pixels"),
                         name="pixels")(h).astype(jnp.float32)                 # (B, N, P·P·C)
     images = unpatchify(pixels, vit.patch_size, vit.channels)                 # (B, H, W, C)
     return jnp.tanh(images) if gan.output == "tanh" else jax.nn.sigmoid(images)

@@ -160,8 +160,7 @@ class Encoder(nn.Module):
       h = make_norm(cfg, "final_norm")(h)
     out.update(embedded=x, pre_logits=h)
     # D x D kernels name their output axis "embed_out": one mesh axis per dim.
-    dense = lambda name: Projection(cfg, (cfg.d_model,), ("embed", "embed_out"),
-                                    "...d,de->...e", name=name)
+    dense = lambda name: Projection(cfg, (cfg.d_model,), ("embed", "embed_out"), name=name)
     y = h
     if self.mlm_head:
       y = make_norm(cfg, "mlm_norm")(ACTIVATIONS[cfg.activation](dense("mlm_dense")(h)))
@@ -171,7 +170,7 @@ class Encoder(nn.Module):
           nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), cfg.params_dtype)
     if self.sentence_head:
       pooled = jnp.tanh(dense("pooler")(h))
-      out["sentence_logits"] = Projection(cfg, (2,), ("embed", "classes"), "...d,dc->...c",
+      out["sentence_logits"] = Projection(cfg, (2,), ("embed", "classes"),
                                           name="sentence_classifier")(pooled).astype(jnp.float32)
     return logits.astype(jnp.float32), out
 

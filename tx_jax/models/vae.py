@@ -132,7 +132,7 @@ class TransformerVAE(nn.Module):
       if cfg.pre_norm:
         h = make_norm(cfg, "encoder_norm")(h)
       pooled = pooled_mean(h, segment_ids)                                   # (B, D)
-      head = lambda name: Projection(cfg, (latent,), ("embed", "latent"), "bd,dl->bl",
+      head = lambda name: Projection(cfg, (latent,), ("embed", "latent"),
                                      name=name)(pooled).astype(jnp.float32)
       mu, log_sigma = head("posterior_mu"), head("posterior_log_sigma")      # (B, L)
       z = mu if eps is None else mu + jnp.exp(log_sigma) * eps

@@ -267,7 +267,7 @@ class ViT(nn.Module):
     pooled = h[:, 0] if vit.pooling == "cls" else jnp.mean(patch_tokens, axis=1)
     out.update(embedded=embedded, encoded=h, patch_tokens=patch_tokens, pre_logits=pooled)
     if vit.num_classes:
-      logits = Projection(cfg, (vit.num_classes,), ("embed", "classes"), "bd,dk->bk",
+      logits = Projection(cfg, (vit.num_classes,), ("embed", "classes"),
                           name="head")(pooled)
       return logits.astype(jnp.float32), out
     return pooled, out
@@ -286,7 +286,7 @@ class MAEDecoder(nn.Module):
     cfg, vit = self.cfg, self.vit
     has_cls = vit.pooling == "cls"
     # The kernel maps the encoder's width to the decoder's: two different axes.
-    x = Projection(cfg, (cfg.d_model,), ("embed", "decoder_embed"), "btd,de->bte",
+    x = Projection(cfg, (cfg.d_model,), ("embed", "decoder_embed"),
                    name="embed")(encoded)                                    # (B, [1+]K, Dd)
     cls, visible = (x[:, :1], x[:, 1:]) if has_cls else (None, x)
     b, k, d = visible.shape
@@ -303,7 +303,7 @@ class MAEDecoder(nn.Module):
     h, _ = Stack(cfg, cfg.num_layers, deterministic=deterministic, name="decoder")(
         x, {"mask": None})
     h = make_norm(cfg, "final_norm")(h)
-    pred = Projection(cfg, (vit.patch_dim,), ("embed", "patch_pixels"), "btd,dp->btp",
+    pred = Projection(cfg, (vit.patch_dim,), ("embed", "patch_pixels"),
                       name="pixels")(h)
     if has_cls:
       pred, h = pred[:, 1:], h[:, 1:]

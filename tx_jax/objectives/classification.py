@@ -86,7 +86,7 @@ class Classifier(nn.Module):
       feats = jax.lax.stop_gradient(feats)
     feats = nn.Dropout(self.cfg.dropout_rate)(feats, deterministic=deterministic)
     head_cfg = dataclasses.replace(self.cfg, use_bias=True, dtype="float32")
-    logits = Projection(head_cfg, (self.num_classes,), ("embed", "classes"), "bd,dk->bk",
+    logits = Projection(head_cfg, (self.num_classes,), ("embed", "classes"),
                         name="head")(feats)
     return logits.astype(jnp.float32), feats
 

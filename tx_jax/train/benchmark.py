@@ -66,6 +66,9 @@ def benchmark(config, steps: int = 20) -> dict:
           "compile_s": lower_s + xla_compile_s + first_step_s, "lower_s": lower_s,
           "xla_compile_s": xla_compile_s, "first_step_s": first_step_s,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          # accelerators report their own high-water mark; CPU devices report none
+          "device_peak_mb": (jax.local_devices()[0].memory_stats() or {}).get(
+              "peak_bytes_in_use", 0) / 2 ** 20 or None,
           "devices": jax.device_count(), "platform": jax.devices()[0].platform,
           "dtype": config.model.dtype, "batch_size": batch_size,
           **objective.benchmark_shape(config),

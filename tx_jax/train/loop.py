@@ -155,18 +155,20 @@ def train(config, workdir: str) -> dict:
     stack.callback(progress.close)
     last_eval: dict = {}
     done, saved, stopped = start, start, False
-    t0, units, compile_s = time.perf_counter(), 0, None
+    t0, units, compile_s, waited = time.perf_counter(), 0, None, 0.0
     for step in range(start, total_steps):
       if stop.agreed():  # a signal reached some process: leave after the same step everywhere
         stopped = True
         break
+      t_wait = time.perf_counter()  # the step's wait for its batch (host side)
       batch = parallel.global_batch(next(train_iter), batch_sharding)
+      waited += time.perf_counter() - t_wait
       state, metrics = train_step(state, batch)
       units += exp.units_per_batch
       if compile_s is None:
         jax.block_until_ready(state.step)
         compile_s = time.perf_counter() - t0
-        t0, units = time.perf_counter(), 0
+        t0, units, waited = time.perf_counter(), 0, 0.0
       done = step + 1
       if done % t.log_every == 0 or done == total_steps:
         # The step's only transfer to the host, explicit and at log steps only.
@@ -181,12 +183,15 @@ def train(config, workdir: str) -> dict:
                   f"{exp.objective.unit}_per_s": rate, "mfu": rate * flops_per_unit / peak,
                   "grad_norm": float(metrics["grad_norm"]),
                   "param_norm": float(metrics["param_norm"]),
-                  "skipped_updates": int(skipped)}
+                  "skipped_updates": int(skipped),
+                  # share of the interval spent waiting for batches: an upper bound on
+                  # how input-bound the run is (the device keeps computing meanwhile)
+                  "input_wait_frac": waited / max(elapsed, 1e-9)}
         if compile_s is not None and done == t.log_every:
           record["compile_s"] = compile_s
         writer.write(done, record)
         progress.set_postfix(loss=f"{record['train/loss']:.3f}")
-        t0, units = time.perf_counter(), 0
+        t0, units, waited = time.perf_counter(), 0, 0.0
       if done % t.eval_every == 0 or done == total_steps:
         last_eval = evaluate(eval_step, state.params, exp.eval_batches(), batch_sharding,
                              exp.objective.summarize)
@@ -197,7 +202,7 @@ def train(config, workdir: str) -> dict:
           # Grouped metrics (precision/CLASS, ...) go to metrics.jsonl only.
           progress.write(f"step {done}: " + " ".join(f"eval/{k}={v:.4f}" for k, v in
                                                      last_eval.items() if "/" not in k))
-        t0, units = time.perf_counter(), 0
+        t0, units, waited = time.perf_counter(), 0, 0.0
       if done % t.checkpoint_every == 0 or done == total_steps:
         save_checkpoint(done)
         saved = done

@@ -87,8 +87,10 @@ def measure_peak_flops(dtype: str = "float32", n: int | None = None, repeats: in
   device = jax.local_devices()[0]  # this process's own device, in multi-process jobs too
   if n is None:
     n = 1024 if device.platform == "cpu" else 8192
-  # From host memory, so no global (mesh-wide) array is made under jax.set_mesh.
-  a = jax.device_put(np.ones((n, n), jnp.dtype(dtype)), device)
+  # From host memory, so no global (mesh-wide) array is made under jax.set_mesh; random,
+  # not constant, data: some matmul units run faster on zeros and ones.
+  x = np.random.default_rng(0).standard_normal((n, n), np.float32)
+  a = jax.device_put(x.astype(jnp.dtype(dtype)), device)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   times = []
