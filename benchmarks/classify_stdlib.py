@@ -167,14 +167,16 @@ def text(args) -> dict:
         f"--config.optim.lr={args.probe_lr}", "--config.optim.weight_decay=0.0"], n)
     rows["linear_probe_sklearn"] = probe_reference(probe_wd, train_src, eval_src)
   if args.minilm and wanted(args, "minilm"):
-    steps = args.minilm_steps or n
-    rows["minilm"] = run_train("configs/classify.py", os.path.join(runs, "minilm_finetune"), [
-        *[o for o in common if "train." not in o], f"--config.train.steps={steps}",
-        f"--config.train.eval_every={steps}", f"--config.train.checkpoint_every={steps}",
-        "--config.train.batch_size=16", f"--config.init_from={args.minilm}",
-        f"--config.optim.lr={args.minilm_lr}",
-        f"--config.optim.warmup_steps={max(1, steps // 10)}"], steps)
-    rows["minilm"]["steps_note"] = f"{steps} steps (the other rows: {n})"
+    # The default config as a user runs it (500 steps of 32 x 64 wordpieces), unless
+    # --minilm-steps / --minilm-lr say otherwise.
+    steps = args.minilm_steps or 500
+    extra = ([f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+              f"--config.train.checkpoint_every={steps}"] if args.minilm_steps else [])
+    extra += [f"--config.optim.lr={args.minilm_lr}"] if args.minilm_lr else []
+    rows["minilm"] = run_train("configs/classify.py", os.path.join(runs, "minilm_finetune"),
+                               [f"--config.init_from={args.minilm}", *extra], steps)
+    rows["minilm"]["steps_note"] = (f"{steps} steps of 32 (the default config); the other "
+                                    f"rows: {n} of 16")
   elif not args.minilm:
     rows["minilm"] = {"status": "not run: give --minilm WORKDIR (tx-jax import of "
                                 "all-MiniLM-L6-v2)"}
@@ -264,8 +266,8 @@ def main():
   p.add_argument("--probe-lr", type=float, default=1e-2)
   p.add_argument("--minilm", default="", help="workdir of `tx-jax import --from "
                  "all-MiniLM-L6-v2`: adds the row fine-tuned from it")
-  p.add_argument("--minilm-steps", type=int, default=0, help="its steps (0: --steps)")
-  p.add_argument("--minilm-lr", type=float, default=5e-5)
+  p.add_argument("--minilm-steps", type=int, default=0, help="its steps (0: the config's)")
+  p.add_argument("--minilm-lr", type=float, default=0.0, help="its lr (0: the config's)")
   p.add_argument("--seq-len", type=int, default=64, help="tokens (bytes) per document")
   p.add_argument("--only", nargs="*", default=[], help="run only these rows (results are "
                  "written by a call without --only, which reuses finished runs)")

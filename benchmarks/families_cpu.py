@@ -20,22 +20,42 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ONE = ["--config.optim.accumulate_steps=1"]
-ROWS = [  # family, shape, config, overrides
-    ("GPT", "bench: 4 x 256, T 256, batch 8", "configs/gpt.py:bench", []),
-    ("GPT", "124m: 12 x 768, T 1024, batch 2", "configs/gpt.py:124m",
-     ["--config.train.batch_size=2", *ONE]),
-    ("BERT", "base: 12 x 768, T 128, batch 8", "configs/bert.py:base",
-     ["--config.train.batch_size=8", *ONE]),
-    ("T5", "base: 12+12 x 768, T 512/114, batch 2", "configs/t5.py:base",
-     ["--config.train.batch_size=2", *ONE]),
-    ("MAE", "b16: ViT-B/16, 224 px, batch 8", "configs/mae.py:b16",
-     ["--config.train.batch_size=8", *ONE]),
-    ("MAE", "tiny: 8 px digits, batch 128", "configs/mae.py", []),
-    ("contrastive", "tiny (default)", "configs/contrastive.py", []),
-    ("VAE", "tiny (default)", "configs/vae.py", []),
-    ("GAN", "tiny: 8 px digits (default)", "configs/gan.py", []),
-    ("classifier", "tiny text (default)", "configs/classify.py", []),
+ROWS = [  # family, size, config, overrides
+    ("GPT", "bench", "configs/gpt.py:bench", []),
+    ("GPT", "124m", "configs/gpt.py:124m", ["--config.train.batch_size=2", *ONE]),
+    ("BERT", "base", "configs/bert.py:base", ["--config.train.batch_size=8", *ONE]),
+    ("T5", "base", "configs/t5.py:base", ["--config.train.batch_size=2", *ONE]),
+    ("MAE", "ViT-B/16", "configs/mae.py:b16", ["--config.train.batch_size=8", *ONE]),
+    ("MAE", "tiny (digits)", "configs/mae.py", []),
+    ("contrastive", "tiny", "configs/contrastive.py", []),
+    ("VAE", "tiny", "configs/vae.py", []),
+    ("GAN", "tiny (digits)", "configs/gan.py", []),
+    ("classifier", "tiny (text)", "configs/classify.py", []),
 ]
+
+
+def shape(r: dict) -> str:
+  """'124m: 124.4M params, batch 2 x T 1024' from a benchmark line."""
+  length = f"T {r['seq_len']}" if r.get("seq_len") else f"{r['image_size']} px"
+  return f"{r['size']}: {r['params'] / 1e6:.1f}M params, batch {r['batch_size']} x {length}"
+
+
+def _rate(v: float) -> str:
+  return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def markdown(result: dict) -> str:
+  lines = [f"# Every family's train step, {result['machine']}\n",
+           "| family | shape | machine | units/s | MFU | memory (peak RSS) | compile s "
+           "| command |", "|---|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    unit = "tokens" if "tokens_per_s" in r else "images"
+    lines.append(f"| {r['family']} | {shape(r)} | CPU, {result['cores']} cores, {r['dtype']} "
+                 f"| {_rate(r[unit + '_per_s'])} {unit} | {r['mfu']:.2f} | "
+                 f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['xla_compile_s']:.1f} | "
+                 f"`{r['command']}` |")
+  load = result["load_average_1m"]
+  return "\n".join(lines) + f"\n\nLoad average {load[0]:.1f} before, {load[1]:.1f} after.\n"
 
 
 def main():
@@ -43,31 +63,23 @@ def main():
   p.add_argument("--steps", type=int, default=3)
   args = p.parse_args()
   load0, rows = os.getloadavg()[0], []
-  for family, shape, config, overrides in ROWS:
+  for family, size, config, overrides in ROWS:
     cmd = ["tx-jax", "benchmark", "--config", config, "--steps", str(args.steps), *overrides]
     proc = subprocess.run([sys.executable, "-m", "tx_jax", *cmd[1:]], cwd=ROOT,
                           capture_output=True, text=True, check=True)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    r.update(family=family, shape=shape, command=" ".join(cmd))
+    r.update(family=family, size=size, command=" ".join(cmd))
     rows.append(r)
     print(json.dumps(r), flush=True)
-  machine = f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}"
-  result = {"machine": machine, "load_average_1m": [load0, os.getloadavg()[0]], "rows": rows}
+  result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+            "cores": os.cpu_count(), "load_average_1m": [load0, os.getloadavg()[0]],
+            "rows": rows}
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   with open(os.path.join(HERE, "results", "families_cpu.json"), "w") as f:
     json.dump(result, f, indent=2)
-  lines = ["| family | shape | machine | units/s | MFU | memory (peak RSS) | compile s "
-           "| command |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    unit = "tokens" if "tokens_per_s" in r else "images"
-    lines.append(f"| {r['family']} | {r['shape']} | CPU, {os.cpu_count()} cores, "
-                 f"{r['dtype']} | {r[unit + '_per_s']:,.0f} {unit} | {r['mfu']:.2f} | "
-                 f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['xla_compile_s']:.1f} | "
-                 f"`{r['command']}` |")
-  md = "\n".join(lines) + "\n"
+  md = markdown(result)
   with open(os.path.join(HERE, "results", "families_cpu.md"), "w") as f:
-    f.write(f"# Every family's train step, {machine}\n\n{md}\nLoad average {load0:.1f} "
-            f"before, {result['load_average_1m'][1]:.1f} after.\n")
+    f.write(md)
   print(md)
 
 
