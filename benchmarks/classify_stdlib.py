@@ -1,7 +1,7 @@
 """Transfer learning on one split: TF-IDF + logistic regression, a classifier from
 scratch, fine-tuned from the project's own pretrained encoder, and its linear probe.
 
-  python benchmarks/classify_stdlib.py [--steps 300] [--runs runs/classify_bench]
+  python benchmarks/classify_stdlib.py [--steps 600] [--runs runs/classify_bench] [--minilm W]
   python benchmarks/classify_stdlib.py --digits      # MAE fine-tune / probe / ViT scratch
 
 Text (embedded:stdlib-docstrings, 18 packages): the classifier's own split, a
@@ -63,8 +63,9 @@ def run_train(config: str, workdir: str, overrides: list[str], steps: int) -> di
   evals = [e for e in logs if any(k.startswith("eval/") for k in e)]
   last = evals[-1] if evals else {"step": logs[-1]["step"],
                                   "eval/train_loss": logs[-1].get("train/loss")}
-  return {"command": " ".join(["tx-jax train --config", config, "--workdir", workdir,
-                               *overrides]),
+  rel = lambda a: a.replace(ROOT + os.sep, "")  # paths as typed from the checkout
+  return {"command": " ".join(["tx-jax train --config", config, "--workdir", rel(workdir),
+                               *map(rel, overrides)]),
           "step": last["step"], **{k[5:]: v for k, v in last.items()
                                   if k.startswith("eval/") and "/" not in k[5:]},
           **timing}
@@ -257,21 +258,23 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--digits", action="store_true", help="the digits comparison instead")
   p.add_argument("--runs", default=os.path.join(ROOT, "runs", "classify_bench"))
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--pretrain-steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=0, help="0: 600 (text), 300 (digits)")
+  p.add_argument("--pretrain-steps", type=int, default=0, help="0: 1500 (text), 600 (digits)")
   p.add_argument("--pretrain-stop", type=int, default=0,
                  help="pretraining counts as done at this checkpoint (a run stopped early, "
                       "by SIGTERM, on a loaded machine); 0: at --pretrain-steps")
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--lr", type=float, default=5e-4)
   p.add_argument("--probe-lr", type=float, default=1e-2)
   p.add_argument("--minilm", default="", help="workdir of `tx-jax import --from "
                  "all-MiniLM-L6-v2`: adds the row fine-tuned from it")
   p.add_argument("--minilm-steps", type=int, default=0, help="its steps (0: the config's)")
   p.add_argument("--minilm-lr", type=float, default=0.0, help="its lr (0: the config's)")
-  p.add_argument("--seq-len", type=int, default=64, help="tokens (bytes) per document")
+  p.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per document")
   p.add_argument("--only", nargs="*", default=[], help="run only these rows (results are "
                  "written by a call without --only, which reuses finished runs)")
   args = p.parse_args()
+  args.steps = args.steps or (300 if args.digits else 600)
+  args.pretrain_steps = args.pretrain_steps or (600 if args.digits else 1500)
   if args.only:
     (digits if args.digits else text)(args)
   elif args.digits:

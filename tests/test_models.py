@@ -46,9 +46,13 @@ def naive_mask(segments, causal):
   return m
 
 
+@pytest.mark.parametrize("merge_rows", [True, False], ids=["rows_merged", "einsum_form"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_attention_matches_numpy(causal, kv_heads):
+def test_attention_matches_numpy(causal, kv_heads, merge_rows, monkeypatch):
+  # Both lowerings of the projections (CPU targets merge rows, TPU ones do not).
+  from tx_jax.models import layers
+  monkeypatch.setattr(layers, "merge_rows", lambda: merge_rows)
   cfg = dataclasses.replace(SMALL, num_kv_heads=kv_heads)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 10, 32)).astype(np.float32)
