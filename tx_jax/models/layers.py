@@ -203,6 +203,8 @@ class Projection(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
+    """x (..., *in_shape) -> (..., *features): the trailing axes of x contract with the
+    kernel's leading ones (merged rows first where `merge_rows()` says so)."""
     cfg = self.cfg
     n_in = len(self.names) - len(self.features)
     in_shape, lead = x.shape[x.ndim - n_in:], x.shape[:x.ndim - n_in]
