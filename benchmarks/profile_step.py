@@ -27,11 +27,8 @@ import time
 import flax.linen as nn
 import jax
 
-from tx_jax import parallel
 from tx_jax.train import config as config_lib
-from tx_jax.train import step as step_lib
-from tx_jax.train.experiment import build_objective, completed_config, make_tx
-from tx_jax.train.state import init_state, state_shapes
+from tx_jax.train.benchmark import synthetic_setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,25 +76,13 @@ def main():
   p.add_argument("--config", default="configs/gpt.py:bench")
   p.add_argument("--steps", type=int, default=3)
   args = p.parse_args()
-  config = config_lib.load_config_file(args.config)
-  config_lib.check_config(config)
-  config = completed_config(config)
-  objective = build_objective(config)
-  tx = make_tx(objective, config)
-  init_len = objective.init_len(config)
-  mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.resolve_rules(config.mesh.rules)
-  shardings = parallel.logical_shardings(state_shapes(objective, tx, init_len, 0), mesh, rules)
-  batch_sharding = parallel.batch_sharding(mesh, rules)
+  config, objective, mesh, rules, state, batch, step = synthetic_setup(
+      config_lib.load_config_file(args.config))
   b, t = config.train.batch_size, config.data.get("seq_len", 0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(lambda: init_state(objective, tx, init_len, 0), out_shardings=shardings)()
-    batch = parallel.global_batch(
-        objective.synthetic_batch(b, t, config.model.get("vocab_size", 0)), batch_sharding)
     rng = jax.random.PRNGKey(0)
     loss = lambda params: objective.loss_fn(params, batch, rng, True)[0]
     fwd, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
-    step = step_lib.jit_train_step(objective, tx, config, mesh, shardings, batch_sharding)
     compiled = step.lower(state, batch).compile()
     holder = {"state": state}
 

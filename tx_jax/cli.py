@@ -187,7 +187,8 @@ def _add_analyze_flags(p, topics: bool = False):
   g.add_argument("--min-topic-size", type=int, default=10, help="HDBSCAN's smallest topic")
   g.add_argument("--reduce-topics", type=int, help="merge the most similar topics down to N")
   # topics chooses its own default (see tx_jax.topics.run_topics).
-  g.add_argument("--features", default=None if topics else "model", help="model (the embeddings), tfidf, or both "
+  g.add_argument("--features", default=None if topics else "model",
+                 help="model (the embeddings), tfidf, or both "
                  "(the two views concatenated after scaling); default: model, except for "
                  "a model tx-jax topics pretrains itself, where both" if topics else
                  "model (the embeddings, default), tfidf, or both (the two views "

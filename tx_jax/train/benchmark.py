@@ -19,8 +19,13 @@ from tx_jax.train.experiment import build_objective, completed_config, make_tx
 from tx_jax.train.state import init_state, state_shapes
 
 
-def benchmark(config, steps: int = 20) -> dict:
-  """Times `steps` jitted train steps after one compile; returns one JSON-able dict."""
+def synthetic_setup(config, steps: int = 1):
+  """The loop's jitted train step of `config` with a fresh state and one synthetic batch.
+
+  -> (completed config, objective, mesh, rules, state, batch, jitted step); trace and
+  run under `jax.set_mesh(mesh), nn.logical_axis_rules(rules)`. The schedule is long
+  enough for `steps` timed steps.
+  """
   config_lib.check_config(config)
   config = completed_config(config)
   objective = build_objective(config)
@@ -28,7 +33,7 @@ def benchmark(config, steps: int = 20) -> dict:
   init_len = objective.init_len(config)
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.resolve_rules(config.mesh.rules)
-  with config.unlocked():  # a schedule long enough for the timed steps
+  with config.unlocked():
     config.train.steps = max(config.train.steps, steps + 1)
   tx = make_tx(objective, config)
   shardings = parallel.logical_shardings(state_shapes(objective, tx, init_len, 0), mesh, rules)
@@ -39,6 +44,14 @@ def benchmark(config, steps: int = 20) -> dict:
     vocab = config.model.get("vocab_size", 0)
     batch = parallel.global_batch(objective.synthetic_batch(batch_size, seq_len, vocab),
                                   batch_sharding)
+  return config, objective, mesh, rules, state, batch, step
+
+
+def benchmark(config, steps: int = 20) -> dict:
+  """Times `steps` jitted train steps after one compile; returns one JSON-able dict."""
+  config, objective, mesh, rules, state, batch, step = synthetic_setup(config, steps)
+  seq_len, batch_size = config.data.get("seq_len", 0), config.train.batch_size
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # Tracing + lowering, XLA's compile, and the first execution, each on its own.
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
