@@ -107,9 +107,13 @@ def test_fsdp_step_flops_match_the_formula_on_a_sixteen_chip_slice():
   assert 0.95 <= ratio <= 1.15
 
 
-def test_scanned_stack_costs_what_the_unrolled_one_does():
-  unrolled = _plan("configs/gpt.py", "model.remat=full")
-  scanned = _plan("configs/gpt.py", "model.scan_layers=true", "model.remat=full")
+@pytest.mark.parametrize("spec", ["configs/gpt.py", "configs/t5.py", "configs/mae.py",
+                                  "configs/vae.py"])
+def test_scanned_stack_costs_what_the_unrolled_one_does(spec):
+  # The scanned cost comes from twins without layers (an encoder keeps one) and a layer
+  # deeper per stack: T5's and the VAE's encoder and decoder, MAE's encoder and decoder.
+  unrolled = _plan(spec, "model.remat=full")
+  scanned = _plan(spec, "model.scan_layers=true", "model.remat=full")
   assert scanned["cost_source"].startswith("unrolled twins")
   assert scanned["flops_per_step"] == pytest.approx(unrolled["flops_per_step"], rel=0.02)
 

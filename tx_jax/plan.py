@@ -142,8 +142,11 @@ def _oom(message: str) -> tuple[int | None, int | None]:
   return None, None
 
 
-def _abstract_step(config, devices):
-  """(objective, mesh, rules, the loop's jitted train step, abstract state, abstract batch)."""
+def _abstract_step(config, devices, check: bool = True):
+  """(objective, mesh, rules, the loop's jitted train step, abstract state, abstract batch).
+
+  check=False skips the config's range checks (the cost twins may have no layers).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from tx_jax import parallel  # pylint: disable=g-import-not-at-top
   from tx_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -151,7 +154,8 @@ def _abstract_step(config, devices):
   from tx_jax.train.experiment import (build_objective, completed_config,  # pylint: disable=g-import-not-at-top
                                        make_tx)
   from tx_jax.train.state import state_shapes  # pylint: disable=g-import-not-at-top
-  config_lib.check_config(config)
+  if check:
+    config_lib.check_config(config)
   config = completed_config(config)
   objective = build_objective(config)
   tx = make_tx(objective, config)
@@ -188,8 +192,17 @@ def _is_oom(e: Exception) -> bool:
 
 
 COST_KEYS = ("flops", "bytes accessed", "optimal_seconds")
-# Stack depths in `config.model`: decoder (or only) stack, T5 encoder, MAE decoder.
+# Stack depths in `config.model`: decoder (or only) stack, T5 / VAE encoder, MAE decoder.
 DEPTH_KEYS = ("num_layers", "num_encoder_layers", "decoder_num_layers")
+
+
+def least_depths(model) -> dict[str, int]:
+  """The least depth each stack of `model` can be compiled at without changing what the
+  others compute: none for an only stack and MAE's two, one for an encoder (depth 0
+  would mean "as deep as num_layers") and for a decoder beside it (its cross-attention
+  is what reads the encoder: without layers the encoder would be compiled away)."""
+  encoder = bool(model.get("num_encoder_layers", 0))
+  return {"num_layers": 1 if encoder else 0, "num_encoder_layers": 1, "decoder_num_layers": 0}
 
 
 def _cost(compiled) -> dict:
@@ -215,15 +228,18 @@ def _loop_free_cost(config, devices) -> dict | None:
   sharded matmuls would be undercounted. Twins of the step without them carry
   the cost: unrolled layers, one micro-batch (its cost times accumulate_steps;
   exact for the FLOPs up to the optimizer update, which runs once per step), no
-  windowed einsums. For scanned stacks a twin is compiled at depth 1 and, per
-  stack, at depth 2, and the per-layer difference is extrapolated to the real
-  depth (layers of a stack are identical, so this is exact up to XLA's fusion
-  choices).
+  windowed einsums. For scanned stacks a twin is compiled with every stack at
+  its least depth (no layers where that is possible, `least_depths`) and, per
+  stack, one with that stack a layer deeper; the per-layer difference is
+  extrapolated to the real depth (layers of a stack are identical, so this is
+  exact up to XLA's fusion choices). Compile time grows with depth, so the
+  shallowest pair is the cheapest to compile.
   """
   import copy  # pylint: disable=g-import-not-at-top
   model = config.model
   accumulate = config.optim.accumulate_steps
   depths = {k: model[k] for k in DEPTH_KEYS if model.get(k, 0)} if model.get("scan_layers") else {}
+  least = {k: v for k, v in least_depths(model).items() if k in depths}
 
   def twin(**depth):
     c = copy.deepcopy(config)
@@ -232,7 +248,7 @@ def _loop_free_cost(config, devices) -> dict | None:
       c.model.update(depth)
       c.optim.accumulate_steps = 1
       c.train.batch_size = config.train.batch_size // accumulate
-    _, mesh, rules, train_step, state, batch = _abstract_step(c, devices)
+    _, mesh, rules, train_step, state, batch = _abstract_step(c, devices, check=False)
     try:
       compiled = _lower(train_step, mesh, rules, state, batch).compile(
           compiler_options=COST_OPTIONS)
@@ -242,16 +258,16 @@ def _loop_free_cost(config, devices) -> dict | None:
       raise
     return {k: v * accumulate for k, v in _cost(compiled).items()}
 
-  base = twin(**{k: 1 for k in depths})
+  base = twin(**least)
   if base is None:
     return None
   total = dict(base)
   for key, depth in depths.items():
-    deeper = twin(**{k: 2 if k == key else 1 for k in depths})
+    deeper = twin(**{**least, key: least[key] + 1})
     if deeper is None:
       return None
     for k in COST_KEYS:
-      total[k] += (depth - 1) * (deeper[k] - base[k])
+      total[k] += (depth - least[key]) * (deeper[k] - base[k])
   return total
 
 
