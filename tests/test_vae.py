@@ -104,6 +104,43 @@ def test_free_bits_clamp_each_dim_on_its_batch_mean():
                                                                        0.7 + 0.1, rel=1e-6)
 
 
+def test_bag_of_words_loss_matches_numpy_and_trains_only_when_asked():
+  """The auxiliary loss is -sum_t w_t log softmax(head(z))[x_t] over target tokens, added
+  to the training loss and reported (never added) at evaluation."""
+  objective = vae_lib.TextVAE(TINY, np.ones(64), VAEConfig(latent_dim=4), bos_id=1, eos_id=2,
+                              bow_weight=0.5, free_bits=0.0, kl_schedule="constant")
+  plain = vae_lib.TextVAE(TINY, np.ones(64), VAEConfig(latent_dim=4), bos_id=1, eos_id=2,
+                          free_bits=0.0, kl_schedule="constant")
+  rng = np.random.default_rng(5)
+  targets = rng.integers(3, 64, (3, 8)).astype(np.int32)
+  weights = np.ones((3, 8), np.float32)
+  weights[1, 5:] = 0.0
+  batch = {"inputs": np.concatenate([np.ones((3, 1), np.int32), targets[:, :-1]], 1),
+           "targets": targets, "segment_ids": (weights > 0).astype(np.int32),
+           "weights": weights, "step": np.zeros(3, np.int32)}
+  params = objective.init_params(jax.random.key(0), 8)
+  assert "bag_of_words" in params and "bag_of_words" not in plain.init_params(
+      jax.random.key(0), 8)
+  key = jax.random.key(1)
+  _, out = objective.apply(params, batch, key, train=False)
+  logits = np.asarray(out["bag_of_words"], np.float64)                  # (B, V)
+  log_p = logits - logits.max(1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  ref = -sum(weights[b, t] * log_p[b, targets[b, t]] for b in range(3) for t in range(8))
+  loss_eval, sums = objective.loss_fn(params, batch, key, train=False)
+  assert float(sums["bow_nll"]) == pytest.approx(ref, rel=1e-5)
+  # Evaluation is the true bound: nll + KL, no bag of words.
+  tokens = weights.sum()
+  assert float(loss_eval) == pytest.approx((float(sums["nll"]) + float(sums["kl"])) / tokens,
+                                           rel=1e-6)
+  assert objective.summarize(jax.device_get(sums))["bow_loss"] == pytest.approx(ref / tokens,
+                                                                                 rel=1e-5)
+  loss_train, sums_train = objective.loss_fn(params, batch, key, train=True)
+  assert float(loss_train) == pytest.approx(
+      (float(sums_train["nll"]) + float(sums_train["kl"]) + 0.5 * float(sums_train["bow_nll"]))
+      / tokens, rel=1e-5)
+
+
 def test_kl_schedules():
   kw = dict(warmup_steps=10, total_steps=100, cycles=4, cycle_ratio=0.5)
   lin = [float(vae_lib.kl_weight(s, "linear", **kw)) for s in (0, 4, 9, 50)]
@@ -351,6 +388,7 @@ def one_line_error(result, pattern):
     ("--config.vae.latent_dim=0", r"vae\.latent_dim=0 must be >= 1"),
     ("--config.vae.kl_schedule=sigmoid", r"vae\.kl_schedule='sigmoid' is not one of"),
     ("--config.vae.free_bit=1.0", r"unknown config key .vae\.free_bit."),
+    ("--config.vae.bow_weight=-1.0", r"vae\.bow_weight=-1\.0 must be a finite number >= 0"),
 ])
 def test_bad_vae_settings_exit_2_with_one_line(override, pattern, tmp_path):
   result = tx(["train", "--config", "configs/vae.py", *CLI_TINY, override, "--workdir",

@@ -10,7 +10,7 @@ N heads, K kv heads, H head dim, F mlp width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -200,6 +200,7 @@ class Projection(nn.Module):
   cfg: TransformerConfig
   features: tuple[int, ...]
   names: tuple[str, ...]     # logical names of the kernel's axes, input axes first
+  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -216,7 +217,7 @@ class Projection(nn.Module):
                             ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
                              ((), ())))
     if cfg.use_bias:
-      bias = self.param("bias", P(nn.initializers.zeros, self.names[n_in:]), self.features,
+      bias = self.param("bias", P(self.bias_init, self.names[n_in:]), self.features,
                         cfg.params_dtype)
       y = y + bias.astype(cfg.compute_dtype)
     return y.reshape(*lead, *self.features)

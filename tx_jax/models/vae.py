@@ -48,6 +48,8 @@ VAE_SIZES: dict[str, dict] = {
 class VAEConfig:
   """The latent of a Transformer-VAE (the stacks come from a TransformerConfig)."""
   latent_dim: int = 32
+  bag_of_words: bool = False   # a head predicting the sentence's tokens from z alone
+  init_log_sigma: float = 0.0   # log sigma of q(z|x) at initialisation (its head's bias)
 
   def validate(self, cfg: TransformerConfig) -> "VAEConfig":
     """Raises ValueError naming the first bad field."""
@@ -90,6 +92,26 @@ class LatentToEmbed(nn.Module):
     return y
 
 
+class BagOfWords(nn.Module):
+  """z (B, L) -> logits (B, V) of the sentence's tokens as an unordered bag.
+
+  The auxiliary head of Zhao et al. 2017: trained to predict every target
+  token from z with no decoder in the way, it makes z carry the sentence's
+  content, which the autoregressive decoder could otherwise learn to do
+  without (posterior collapse). Not part of p(x|z) or the ELBO.
+  """
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    """z (B, L) -> (B, V) float32 logits."""
+    cfg = self.cfg
+    h = Projection(cfg, (cfg.d_model,), ("latent", "mlp"), name="hidden")(z)
+    h = nn.gelu(h)
+    return Projection(cfg, (cfg.vocab_size,), ("mlp", "vocab"),
+                      name="logits")(h).astype(jnp.float32)
+
+
 class TransformerVAE(nn.Module):
   """tokens (B, S), decoder inputs (B, T) -> decoder logits (B, T, V), named outputs.
 
@@ -101,7 +123,8 @@ class TransformerVAE(nn.Module):
   of cfg.max_len positions in the "cache" collection (generation).
 
   out: "mu", "log_sigma", "z" (B, L) float32, "pooled" (B, D), "encoder/block_i",
-  "embedded" (B, T, D, with z added), "decoder/block_i", "pre_logits" (B, T, D).
+  "embedded" (B, T, D, with z added), "decoder/block_i", "pre_logits" (B, T, D),
+  and with vae.bag_of_words "bag_of_words" (B, V), the head's logits from z.
   """
   cfg: TransformerConfig
   vae: VAEConfig
@@ -132,13 +155,20 @@ class TransformerVAE(nn.Module):
       if cfg.pre_norm:
         h = make_norm(cfg, "encoder_norm")(h)
       pooled = pooled_mean(h, segment_ids)                                   # (B, D)
-      head = lambda name: Projection(cfg, (latent,), ("embed", "latent"),
-                                     name=name)(pooled).astype(jnp.float32)
-      mu, log_sigma = head("posterior_mu"), head("posterior_log_sigma")      # (B, L)
+      mu = Projection(cfg, (latent,), ("embed", "latent"),
+                      name="posterior_mu")(pooled).astype(jnp.float32)       # (B, L)
+      # The bias (always present) starts at vae.init_log_sigma: below 0 the
+      # decoder first sees z as less noisy than the prior's N(0, 1) draws.
+      log_sigma = Projection(
+          dataclasses.replace(cfg, use_bias=True), (latent,), ("embed", "latent"),
+          bias_init=nn.initializers.constant(self.vae.init_log_sigma),
+          name="posterior_log_sigma")(pooled).astype(jnp.float32)           # (B, L)
       z = mu if eps is None else mu + jnp.exp(log_sigma) * eps
       out.update({f"encoder/{k}": v for k, v in blocks.items()})
       out.update(pooled=pooled, mu=mu, log_sigma=log_sigma)
     out["z"] = z
+    if self.vae.bag_of_words and not decode:
+      out["bag_of_words"] = BagOfWords(cfg, name="bag_of_words")(z)
     if decoder_inputs is None:
       return None, out
 

@@ -19,12 +19,18 @@ config's `vae` section:
   word_dropout  the decoder's input tokens (not the start token) are replaced
                 by <unk> with this probability (Bowman et al. 2016), so it must
                 get what it misses from z.
+  bow_weight    weight of a bag-of-words loss (Zhao et al. 2017): a head
+                predicts every target token from z alone (cross-entropy per
+                token, `bow_loss`), so the encoder has to put the sentence's
+                content into z from the first step, before the decoder has
+                learnt to do without it. Training loss only; 0 turns the head off.
 
 Evaluation always reports the true bound (beta 1, no free bits, no word
-dropout): `loss` is the negative ELBO per token, `reconstruction_loss` its
-reconstruction part per token, `kl` nats per sentence, `elbo_bits_per_byte`
-(nll + KL) / ln 2 / UTF-8 bytes (an upper bound on the bits per byte of the
-held-out text, comparable with a causal LM's bits_per_byte), `active_units`
+dropout, no bag of words): `loss` is the negative ELBO per token,
+`reconstruction_loss` its reconstruction part per token, `kl` nats per
+sentence, `elbo_bits_per_byte` (nll + KL) / ln 2 / UTF-8 bytes (an upper
+bound on the bits per byte of the held-out text, comparable with a causal LM's
+bits_per_byte), `active_units`
 (dims whose posterior mean varies across the eval set by more than 0.01,
 Burda et al. 2016) and, from the evaluation hook, `mutual_info` I(x; z) under
 q (Hoffman & Johnson 2016; estimator of He et al. 2019) over the whole eval
@@ -36,6 +42,7 @@ unconditional LM of the same size, the baseline of benchmarks/vae_text.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -153,8 +160,8 @@ class TextVAE(TextObjective):
                *, bos_id: int = 0, eos_id: int = 0, unk_id: int | None = None,
                kl_schedule: str = "linear", kl_warmup_steps: int = 1000, kl_cycles: int = 4,
                kl_cycle_ratio: float = 0.5, free_bits: float = 0.0, word_dropout: float = 0.0,
-               unconditional: bool = False, total_steps: int = 1, units: str = "sentences",
-               mutual_info: bool = True):
+               bow_weight: float = 0.0, unconditional: bool = False, total_steps: int = 1,
+               units: str = "sentences", mutual_info: bool = True):
     vae_cfg = vae_cfg or VAEConfig()
     if kl_schedule not in KL_SCHEDULES:
       raise ValueError(f"vae.kl_schedule={kl_schedule!r} is not one of {KL_SCHEDULES}")
@@ -162,10 +169,14 @@ class TextVAE(TextObjective):
       raise ValueError(f"vae.word_dropout={word_dropout} must be in [0, 1)")
     if free_bits < 0:
       raise ValueError(f"vae.free_bits={free_bits} must be >= 0 (nats per latent dim)")
+    if not (bow_weight >= 0 and math.isfinite(bow_weight)):
+      raise ValueError(f"vae.bow_weight={bow_weight} must be a finite number >= 0")
     if word_dropout > 0 and unk_id is None:
       raise ValueError("vae.word_dropout > 0 needs an <unk> token in data.specials")
     if units not in sentences.UNITS:
       raise ValueError(f"vae.units={units!r} is not one of {sentences.UNITS}")
+    self.bow_weight = 0.0 if unconditional else float(bow_weight)
+    vae_cfg = dataclasses.replace(vae_cfg, bag_of_words=self.bow_weight > 0)
     self.cfg, self.vae = model_cfg, vae_cfg.validate(model_cfg)
     self.model = TransformerVAE(model_cfg, self.vae)
     self.token_bytes = jnp.asarray(token_bytes, jnp.float32)
@@ -194,6 +205,7 @@ class TextVAE(TextObjective):
     tokenizer's <s>, </s>, <unk>."""
     section = dict(config.get("vae") or {})
     latent_dim = section.pop("latent_dim", VAEConfig.latent_dim)
+    init_log_sigma = float(section.pop("init_log_sigma", VAEConfig.init_log_sigma))
     ids = dict(bos_id=0, eos_id=0, unk_id=None)
     if tokenizer is not None:
       missing = [s for s in SPECIALS[:2] if s not in tokenizer.special_ids]
@@ -206,11 +218,12 @@ class TextVAE(TextObjective):
         "model_cfg", "token_bytes", "vae_cfg", "bos_id", "eos_id", "unk_id", "total_steps"}
     unknown = sorted(set(section) - accepted)
     if unknown:
-      raise UserError(f"vae.{unknown[0]} is not a VAE setting; use latent_dim or one of "
-                      f"{sorted(accepted)}")
+      raise UserError(f"vae.{unknown[0]} is not a VAE setting; use latent_dim, init_log_sigma "
+                      f"or one of {sorted(accepted)}")
     try:
       return cls(transformer_config(config), token_bytes(tokenizer, config.model.vocab_size),
-                 VAEConfig(latent_dim=int(latent_dim)), total_steps=int(config.train.steps),
+                 VAEConfig(latent_dim=int(latent_dim), init_log_sigma=init_log_sigma),
+                 total_steps=int(config.train.steps),
                  **ids, **{**section, **options})
     except ValueError as e:
       raise UserError(str(e)) from None
@@ -278,7 +291,14 @@ class TextVAE(TextObjective):
     else:  # the true bound
       kl_term = kl_sum
     mu_valid = mu * valid[:, None]
-    sums = {"nll": nll, "weight": tokens, "kl": kl_sum, "sequences": jnp.sum(valid),
+    extra = {}
+    if self.bow_weight > 0:
+      log_bag = jax.nn.log_softmax(out["bag_of_words"], axis=-1)            # (B, V)
+      bag_nll = -jnp.sum(jnp.take_along_axis(log_bag, targets, axis=1) * weights)
+      extra["bow_nll"] = bag_nll
+      if train:
+        kl_term = kl_term + self.bow_weight * bag_nll
+    sums = {**extra, "nll": nll, "weight": tokens, "kl": kl_sum, "sequences": jnp.sum(valid),
             "bytes": jnp.sum(jnp.take(self.token_bytes, targets) * weights),
             "correct": correct,
             "mu_sum": jnp.sum(mu_valid, axis=0), "mu_sq_sum": jnp.sum(mu_valid * mu, axis=0)}
@@ -294,7 +314,8 @@ class TextVAE(TextObjective):
             "accuracy": float(sums["correct"]) / w,
             "elbo_bits_per_byte": (nll + kl) / math.log(2) / byte_count,
             "reconstruction_bits_per_byte": nll / math.log(2) / byte_count,
-            "active_units": active_units(sums["mu_sum"], sums["mu_sq_sum"], n)}
+            "active_units": active_units(sums["mu_sum"], sums["mu_sq_sum"], n),
+            **({"bow_loss": float(sums["bow_nll"]) / w} if "bow_nll" in sums else {})}
 
   def flops_per_unit(self, params, seq_len: int) -> float:
     """Training FLOPs per target token: 6N + 12·(encoder + decoder layers)·d·T."""
