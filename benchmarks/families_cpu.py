@@ -29,7 +29,7 @@ ROWS = [  # family, size, config, overrides
     ("MAE", "tiny (digits)", "configs/mae.py", []),
     ("contrastive", "tiny", "configs/contrastive.py", []),
     ("VAE", "tiny", "configs/vae.py", []),
-    ("GAN", "tiny (digits)", "configs/gan.py", []),
+    ("GAN", "tiny (digits)", "configs/gan.py", ["--config.train.batch_size=64"]),
     ("classifier", "tiny (text)", "configs/classify.py", []),
 ]
 
