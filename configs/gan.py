@@ -16,9 +16,9 @@ Measured over 3 training seeds (benchmarks/gan_digits.py,
 benchmarks/results/gan_digits.md): FID 26.1 (22.9-31.1) for the EMA generator
 against 59.0 for a full-covariance Gaussian fit to the training pixels and 4.4
 for real held-out images (batch 64: 29.9, 28.0-31.7); Inception Score 6.3
-(real 9.4), confidence 0.86 (real 0.99), every class covered on every seed. Metrics are in the feature
-space of a small CNN trained once on the labelled training images
-(tx_jax/evaluation/sample_quality.py), not Inception's.
+(real 9.4), confidence 0.86 (real 0.99), every class covered on every seed.
+Metrics are in the feature space of a small CNN trained once on the labelled
+training images (tx_jax/evaluation/sample_quality.py), not Inception's.
 
 `cifar` is a 6-layer 384-wide generator and discriminator on 32×32 images
 with 4×4 patches (N = 64), batch 128, 200k steps; on a folder of images

@@ -201,11 +201,12 @@ class TextVAE(TextObjective):
 
   @classmethod
   def build(cls, config, tokenizer, options: dict):
-    """From config.model, config.vae (latent_dim and the options of __init__) and the
-    tokenizer's <s>, </s>, <unk>."""
+    """From config.model, config.vae (the fields of VAEConfig and the options of
+    __init__) and the tokenizer's <s>, </s>, <unk>."""
     section = dict(config.get("vae") or {})
-    latent_dim = section.pop("latent_dim", VAEConfig.latent_dim)
-    init_log_sigma = float(section.pop("init_log_sigma", VAEConfig.init_log_sigma))
+    # bag_of_words follows bow_weight; the other VAEConfig fields are settings.
+    latent_fields = [f.name for f in dataclasses.fields(VAEConfig) if f.name != "bag_of_words"]
+    latent = {k: section.pop(k) for k in latent_fields if k in section}
     ids = dict(bos_id=0, eos_id=0, unk_id=None)
     if tokenizer is not None:
       missing = [s for s in SPECIALS[:2] if s not in tokenizer.special_ids]
@@ -218,13 +219,12 @@ class TextVAE(TextObjective):
         "model_cfg", "token_bytes", "vae_cfg", "bos_id", "eos_id", "unk_id", "total_steps"}
     unknown = sorted(set(section) - accepted)
     if unknown:
-      raise UserError(f"vae.{unknown[0]} is not a VAE setting; use latent_dim, init_log_sigma "
-                      f"or one of {sorted(accepted)}")
+      raise UserError(f"vae.{unknown[0]} is not a VAE setting; use one of "
+                      f"{sorted(accepted | set(latent_fields))}")
     try:
       return cls(transformer_config(config), token_bytes(tokenizer, config.model.vocab_size),
-                 VAEConfig(latent_dim=int(latent_dim), init_log_sigma=init_log_sigma),
-                 total_steps=int(config.train.steps),
-                 **ids, **{**section, **options})
+                 VAEConfig(**latent), total_steps=int(config.train.steps), **ids,
+                 **{**section, **options})
     except ValueError as e:
       raise UserError(str(e)) from None
 
