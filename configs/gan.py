@@ -48,7 +48,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       **{k: v for k, v in dataclasses.asdict(gen).items() if k != "max_len"},
       **dataclasses.asdict(geo)})
   c.objective_options = ml_collections.ConfigDict(dict(
-      loss="nonsaturating", r1_gamma=0.01, ema_decay=0.999, discriminator_lr_ratio=2.0))
+      loss="nonsaturating", r1_gamma=0.01, ema_decay=0.999, discriminator_lr_ratio=2.0,
+      # random translation of every image D sees (DiffAugment); 0.125 (1 pixel) on seed 1:
+      # FID 40.3 at step 3000 against 31.05 without, so off here
+      augment_shift=0.0))
 
   c.data = ml_collections.ConfigDict(dict(
       source="embedded:digits", eval_source="", eval_fraction=0.2,

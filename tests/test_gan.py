@@ -103,6 +103,77 @@ def test_ema_update_follows_its_formula():
     np.testing.assert_allclose(new["b"]["c"], beta * 3.0, rtol=1e-6)
 
 
+def _numpy_translate(images, offsets, fill):
+  """Reference: each image shifted by np.roll, the wrapped-around rows and columns set to
+  fill."""
+  out = np.empty_like(images)
+  for i, (dy, dx) in enumerate(offsets):
+    moved = np.roll(images[i], (dy, dx), axis=(0, 1))
+    if dy > 0:
+      moved[:dy] = fill
+    elif dy < 0:
+      moved[dy:] = fill
+    if dx > 0:
+      moved[:, :dx] = fill
+    elif dx < 0:
+      moved[:, dx:] = fill
+    out[i] = moved
+  return out
+
+
+def test_translation_matches_numpy_and_its_gradient_is_the_reverse_move():
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(6, 5, 7, 2)).astype(np.float32)
+  offsets = np.array([[0, 0], [1, -2], [-1, 3], [4, 0], [-5, -7], [2, 2]], np.int32)
+  got = np.asarray(gan_lib.translate(jnp.asarray(images), jnp.asarray(offsets), -1.0))
+  np.testing.assert_array_equal(got, _numpy_translate(images, offsets, -1.0))
+  # A move is linear in the pixels: the gradient of <w, move(x)> is w moved back
+  # (zeros where the pixel left the image).
+  w = rng.normal(size=images.shape).astype(np.float32)
+  grad = jax.grad(lambda x: jnp.sum(gan_lib.translate(x, jnp.asarray(offsets), -1.0) * w))(
+      jnp.asarray(images))
+  np.testing.assert_allclose(grad, _numpy_translate(w, -offsets, 0.0), rtol=1e-6)
+  # Random moves stay within the bound, and every offset in it is drawn.
+  moved = gan_lib.random_translate(jax.random.key(0), jnp.asarray(
+      np.ones((400, 5, 5, 1), np.float32)), 1, 0.0)
+  blank = np.asarray(moved)[..., 0] == 0
+  assert set(np.unique(blank[:, 0].all(1) * 1 - blank[:, -1].all(1) * 1)) == {-1, 0, 1}
+  assert not blank[:, 1:-1, 1:-1].any()
+
+
+def test_augmentation_changes_only_what_the_discriminator_sees():
+  from tx_jax.objectives.gan import GANObjective
+  config = small_config()
+  with config.unlocked():
+    config.objective_options.augment_shift = 0.125
+  obj = GANObjective.from_config(config)
+  assert obj.max_shift == 1
+  params = nn.unbox(obj.init_params(jax.random.key(0)))
+  real = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+  fake = np.random.default_rng(1).uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+  valid = jnp.ones(8)
+  # The augmented discriminator loss is the plain one on the images moved by the same draws.
+  key = jax.random.key(3)
+  real_key, fake_key = jax.random.split(key)
+  bound = [-1, 2]
+  moved = [_numpy_translate(x, np.asarray(jax.random.randint(k, (8, 2), *bound)), -1.0)
+           for x, k in ((real, real_key), (fake, fake_key))]
+  plain = GANObjective.from_config(small_config())
+  got, _ = obj.discriminator_loss(params["discriminator"], real, fake, valid, key)
+  want, _ = plain.discriminator_loss(params["discriminator"], *moved, valid)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  # Held-out evaluation is not augmented.
+  batch = {"image": real, "valid": np.ones(8, np.float32)}
+  np.testing.assert_allclose(float(obj.loss_fn(params, batch, jax.random.key(4), False)[0]),
+                             float(plain.loss_fn(params, batch, jax.random.key(4), False)[0]),
+                             rtol=1e-6)
+  from tx_jax.errors import UserError
+  with config.unlocked():
+    config.objective_options.augment_shift = 0.5
+  with pytest.raises(UserError, match="augment_shift=0.5"):
+    GANObjective.from_config(config)
+
+
 def test_by_key_updates_each_network_with_its_own_optimizer():
   params = {"g": jnp.ones(3), "d": jnp.ones(2), "ema": jnp.ones(3)}
   tx = gan_lib.by_key({"g": optax.sgd(0.1), "d": optax.sgd(1.0)})
