@@ -290,9 +290,7 @@ class GANObjective(Objective):
   def generator_loss(self, gen_params, disc_params, z, rng=None):
     """The generator's loss against the discriminator on samples of noise z
     (augmented first, rng, when augment_shift is on)."""
-    fake = self.generate_images(gen_params, z, train=True)
-    if self.max_shift:
-      fake = self.augment(rng, fake)
+    fake = self.augment(rng, self.generate_images(gen_params, z, train=True))
     return jnp.mean(generator_losses(self.discriminate(disc_params, fake, train=True),
                                      self.loss))
 
