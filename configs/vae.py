@@ -50,6 +50,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.vae = ml_collections.ConfigDict(dict(
       latent_dim=latent.latent_dim,
       init_log_sigma=latent.init_log_sigma,  # q(z|x)'s log sigma at step 0
+      memory_slots=latent.memory_slots,      # K > 0: z also as K cross-attention vectors
       units="sentences",        # or "documents" (data already one sentence per record)
       kl_schedule="linear",     # linear | cyclical | constant
       kl_warmup_steps=200,      # linear: beta reaches 1 here

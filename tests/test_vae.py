@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,6 +237,40 @@ def test_overfit_on_two_sentences_reconstructs_both_at_temperature_0():
   assert float(jnp.linalg.norm(mu[0] - mu[1])) > 0.5
 
 
+def test_latent_memory_carries_z_to_every_layer_and_decodes_from_the_cache():
+  cfg = TransformerConfig(vocab_size=64, num_layers=2, num_encoder_layers=1, d_model=32,
+                          num_heads=4, mlp_dim=64, max_len=12, positions="rope")
+  model = TransformerVAE(cfg, VAEConfig(latent_dim=4, memory_slots=3))
+  tokens = jnp.zeros((2, 12), jnp.int32)
+  boxed = model.init(jax.random.key(0), tokens, tokens)["params"]
+  assert boxed["latent_to_memory"]["kernel"].names == ("latent", "positions", "embed")
+  params = nn.unbox(boxed)
+  assert params["latent_to_memory"]["kernel"].shape == (4, 3, 32)
+  assert all("cross_attn" in params["decoder"][f"block_{i:02d}"] for i in range(2))
+  # latent_to_embed starts at zero, so at initialisation z reaches the decoder only
+  # through the memory: two z give different logits, and none with a zero memory kernel.
+  z = jax.random.normal(jax.random.key(1), (2, 4))
+  start = jnp.zeros((2, 1), jnp.int32)
+  logits = lambda p, z: model.apply({"params": p}, None, start, z=z)[0]
+  first = np.asarray(logits(params, z))
+  assert np.abs(first[0] - first[1]).max() > 1e-3
+  silent = jax.tree_util.tree_map(lambda x: x, params)
+  silent["latent_to_memory"] = {k: jnp.zeros_like(v) for k, v in
+                                params["latent_to_memory"].items()}
+  flat = np.asarray(logits(silent, z))
+  np.testing.assert_allclose(flat[0], flat[1], atol=1e-6)
+  # Greedy decoding through the KV cache picks, at every step, the argmax of the
+  # full (cache-free) forward over the tokens decoded so far.
+  out = np.asarray(vae_lib.decode_latents(model, params, z, jax.random.key(0), max_len=8,
+                                          bos_id=1, eos_id=63))
+  inputs = np.concatenate([np.ones((2, 1), np.int32), out[:, :-1]], axis=1)
+  full = np.asarray(model.apply({"params": params}, None, jnp.asarray(inputs), z=z)[0])
+  for row in range(2):
+    ended = np.flatnonzero(out[row] == 63)
+    n = ended[0] + 1 if len(ended) else 8
+    np.testing.assert_array_equal(full[row, :n].argmax(-1), out[row, :n])
+
+
 # --- one train step on any mesh equals the 1-device step ------------------------------
 
 def vae_family():
@@ -389,6 +424,7 @@ def one_line_error(result, pattern):
     ("--config.vae.kl_schedule=sigmoid", r"vae\.kl_schedule='sigmoid' is not one of"),
     ("--config.vae.free_bit=1.0", r"unknown config key .vae\.free_bit."),
     ("--config.vae.bow_weight=-1.0", r"vae\.bow_weight=-1\.0 must be a finite number >= 0"),
+    ("--config.vae.memory_slots=-1", r"vae\.memory_slots=-1 must be >= 0"),
 ])
 def test_bad_vae_settings_exit_2_with_one_line(override, pattern, tmp_path):
   result = tx(["train", "--config", "configs/vae.py", *CLI_TINY, override, "--workdir",

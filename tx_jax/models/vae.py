@@ -13,6 +13,11 @@ at each new token and needs no memory cache; and with z = 0 the same network
 is an unconditional LM of exactly the same size, the baseline it is compared
 with.
 
+Optionally (`vae.memory_slots` K > 0) z is also projected to K memory vectors
+that every decoder layer cross-attends to, as Optimus (Li et al. 2020) does
+beside the embedding: each layer can then read z directly instead of only
+through what the residual stream kept of it.
+
 Shapes: B batch, T length, D model width, L latent dims.
 """
 
@@ -50,11 +55,14 @@ class VAEConfig:
   latent_dim: int = 32
   bag_of_words: bool = False   # a head predicting the sentence's tokens from z alone
   init_log_sigma: float = 0.0   # log sigma of q(z|x) at initialisation (its head's bias)
+  memory_slots: int = 0   # K > 0: z also as K vectors every decoder layer cross-attends to
 
   def validate(self, cfg: TransformerConfig) -> "VAEConfig":
     """Raises ValueError naming the first bad field."""
     if int(self.latent_dim) < 1:
       raise ValueError(f"vae.latent_dim={self.latent_dim} must be >= 1")
+    if int(self.memory_slots) < 0:
+      raise ValueError(f"vae.memory_slots={self.memory_slots} must be >= 0")
     if cfg.positions == "relative":
       raise ValueError("model.positions='relative' is not supported by the VAE; use rope, "
                        "learned or none")
@@ -123,7 +131,8 @@ class TransformerVAE(nn.Module):
   of cfg.max_len positions in the "cache" collection (generation).
 
   out: "mu", "log_sigma", "z" (B, L) float32, "pooled" (B, D), "encoder/block_i",
-  "embedded" (B, T, D, with z added), "decoder/block_i", "pre_logits" (B, T, D),
+  "embedded" (B, T, D, with z added), "memory" (B, K, D) with vae.memory_slots K,
+  "decoder/block_i", "pre_logits" (B, T, D),
   and with vae.bag_of_words "bag_of_words" (B, V), the head's logits from z.
   """
   cfg: TransformerConfig
@@ -185,7 +194,12 @@ class TransformerVAE(nn.Module):
     dec = {"mask": None if decode else attention_mask(decoder_segment_ids,
                                                       decoder_segment_ids, causal=True),
            "positions": positions}
-    h, blocks = Stack(cfg, cfg.num_layers, causal=True, decode=decode,
+    slots = int(self.vae.memory_slots)
+    if slots:  # every key of the cross-attention is visible to every query
+      out["memory"] = Projection(cfg, (slots, cfg.d_model), ("latent", "positions", "embed"),
+                                 name="latent_to_memory")(z)               # (B, K, D)
+      dec.update(encoded=out["memory"], cross_mask=None)
+    h, blocks = Stack(cfg, cfg.num_layers, causal=True, cross=slots > 0, decode=decode,
                       deterministic=deterministic, name="decoder")(drop(y), dec)
     if cfg.pre_norm:
       h = make_norm(cfg, "decoder_norm")(h)
