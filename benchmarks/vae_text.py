@@ -157,7 +157,7 @@ def markdown(r: dict) -> str:
       f"| active units (of the latent dims) | {v['active_units']} | - |",
       f"| mutual information I(x; z) (nats) | {v['mutual_info']:.3f} | - |",
       f"| next-token accuracy | {v['accuracy']:.4f} | {u['accuracy']:.4f} |", "",
-      "| run | wall (shared machine) | CPU seconds (user + sys) |", "|---|---|---|",
+      "| run | wall | CPU seconds (user + sys) |", "|---|---|---|",
       f"| VAE | {t['vae']['wall_s']:.0f} s | {t['vae']['cpu_s']:.0f} |",
       f"| unconditional | {t['unconditional']['wall_s']:.0f} s | "
       f"{t['unconditional']['cpu_s']:.0f} |", "",
