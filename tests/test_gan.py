@@ -343,11 +343,15 @@ TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=16",
               "--config.evaluation.grid_samples=4"]
 
 
-def run_cli(args, timeout=900, devices=1):
+def run_cli(args, timeout=900, devices=1, cache=None):
+  """`python -m tx_jax ARGS`; with `cache`, compiled programs persist in that folder."""
   import subprocess
   import sys
   flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+  if cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
                         timeout=timeout, cwd=ROOT, env=env)
 
@@ -423,10 +427,13 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
   from tx_jax.train import checkpoint as ckpt_lib
   flags = [*TINY_FLAGS, "--config.train.steps=6", "--config.train.eval_every=6",
            "--config.train.log_every=1"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  cache = tmp_path / "xla_cache"   # the three runs compile the same programs once
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+         "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  assert run_cli(["train", "--config", "configs/gan.py", "--workdir", straight, *flags]
-                 ).returncode == 0
+  assert run_cli(["train", "--config", "configs/gan.py", "--workdir", straight, *flags],
+                 cache=cache).returncode == 0
   proc = subprocess.Popen([sys.executable, "-m", "tx_jax", "train", "--config", "configs/gan.py",
                            "--workdir", killed, *flags],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -438,7 +445,8 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert os.path.exists(sealed)
-  result = run_cli(["train", "--config", "configs/gan.py", "--workdir", killed, *flags])
+  result = run_cli(["train", "--config", "configs/gan.py", "--workdir", killed, *flags],
+                   cache=cache)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "resuming from step 4" in result.stdout
 
