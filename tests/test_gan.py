@@ -343,17 +343,23 @@ TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=16",
               "--config.evaluation.grid_samples=4"]
 
 
-def run_cli(args, timeout=900, devices=1, cache=None):
-  """`python -m tx_jax ARGS`; with `cache`, compiled programs persist in that folder."""
-  import subprocess
-  import sys
+def cli_env(devices=1, cache=None):
+  """The environment of a CLI run on `devices` CPU devices; with `cache`, compiled
+  programs persist in that folder."""
   flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
   if cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def run_cli(args, timeout=900, devices=1, cache=None):
+  """`python -m tx_jax ARGS` in cli_env(devices, cache)."""
+  import subprocess
+  import sys
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=ROOT, env=env)
+                        timeout=timeout, cwd=ROOT, env=cli_env(devices, cache))
 
 
 def one_line_error(result, *needles):
@@ -428,15 +434,12 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
   flags = [*TINY_FLAGS, "--config.train.steps=6", "--config.train.eval_every=6",
            "--config.train.log_every=1"]
   cache = tmp_path / "xla_cache"   # the three runs compile the same programs once
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-         "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   assert run_cli(["train", "--config", "configs/gan.py", "--workdir", straight, *flags],
                  cache=cache).returncode == 0
   proc = subprocess.Popen([sys.executable, "-m", "tx_jax", "train", "--config", "configs/gan.py",
                            "--workdir", killed, *flags],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          cwd=ROOT, env=cli_env(cache=cache), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   sealed = os.path.join(killed, "checkpoints", "4", ckpt_lib.MANIFEST)
   deadline = time.time() + 900
