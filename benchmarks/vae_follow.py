@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tx_jax.objectives.vae import decode_latents, encoder_rows  # noqa: E402
+from tx_jax.generate import decode_latents  # noqa: E402
+from tx_jax.objectives.vae import encoder_rows  # noqa: E402
 from tx_jax.train.trained import load_trained  # noqa: E402
 
 

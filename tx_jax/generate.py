@@ -1,5 +1,5 @@
 """Autoregressive sampling with a KV cache: temperature, top-k, top-p, seeded;
-greedy and beam search for encoder-decoders.
+greedy and beam search for encoder-decoders; sentences from a text VAE's latents.
 
 The prompt is run once through the model in decode mode (prefill writes its
 keys/values into the cache), then one token per step; each step attends to
@@ -16,12 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def init_cache(model, batch_size: int, length: int):
-  """Zeroed KV cache for `length` positions (from shapes only, no compute)."""
-  tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-  shapes = jax.eval_shape(
-      lambda t: model.init(jax.random.key(0), t, decode=True), tokens)["cache"]
+def zeroed_cache(init, *inputs: jax.ShapeDtypeStruct):
+  """The "cache" collection of `init(*inputs)` (a decode-mode model.init), zeroed; from
+  shapes only, no compute."""
+  shapes = jax.eval_shape(init, *inputs)["cache"]
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def init_cache(model, batch_size: int, length: int):
+  """Zeroed KV cache for `length` positions."""
+  tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+  return zeroed_cache(lambda t: model.init(jax.random.key(0), t, decode=True), tokens)
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
@@ -110,12 +115,11 @@ def generate_text(trained, prompt: str, *, max_new_tokens: int | None = None,
 
 
 def init_encdec_cache(model, batch_size: int, encoded_len: int):
-  """Zeroed decoder KV cache for cfg.max_len target positions (shapes only)."""
+  """Zeroed decoder KV cache for cfg.max_len target positions."""
   inputs = jax.ShapeDtypeStruct((batch_size, encoded_len), jnp.int32)
   targets = jax.ShapeDtypeStruct((batch_size, model.cfg.max_len), jnp.int32)
-  shapes = jax.eval_shape(lambda i, t: model.init(jax.random.key(0), i, t, decode=True),
-                          inputs, targets)["cache"]
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return zeroed_cache(lambda i, t: model.init(jax.random.key(0), i, t, decode=True),
+                      inputs, targets)
 
 
 def _decode_step(model, params, cache, encoded, encoder_segments, tokens, step):
@@ -303,3 +307,47 @@ def generate_seq2seq(trained, prompt: str, *, max_new_tokens: int | None = None,
     out, _ = beam_search(trained.objective.model, trained.params, inputs, segments,
                          beam_size=beam_size, alpha=alpha, **kw)
   return _decode_with_specials(tok, np.asarray(out)[0])
+
+
+# --- Text VAE: sentences from latents z (prior samples, interpolation) ---------------
+
+
+def init_latent_cache(model, batch_size: int):
+  """Zeroed decoder KV cache of a TransformerVAE: model.cfg.max_len positions."""
+  tokens = jax.ShapeDtypeStruct((batch_size, model.cfg.max_len), jnp.int32)
+  z = jax.ShapeDtypeStruct((batch_size, model.vae.latent_dim), jnp.float32)
+  return zeroed_cache(lambda t, z: model.init(jax.random.key(0), None, t, z=z, decode=True),
+                      tokens, z)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id",
+                                             "temperature", "top_k", "top_p"))
+def decode_latents(model, params, z, rng, *, max_len: int, bos_id: int,
+                   eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """Sentences from a TransformerVAE's latents z (B, L): (B, max_len) token ids, eos_id
+  after the end.
+
+  One token per step from the decoder's KV cache, starting from <s>; temperature
+  0 is greedy, else sampling with filter_logits' temperature / top-k / top-p.
+  """
+  _check_max_len(model, max_len)
+  b = z.shape[0]
+
+  def body(i, carry):
+    cache, token, done, out = carry
+    (logits, _), mutated = model.apply(
+        {"params": params, "cache": cache}, None, token[:, None],
+        decoder_positions=jnp.full((b, 1), i, jnp.int32), z=z, decode=True, mutable=["cache"])
+    logits = logits[:, -1]
+    if temperature == 0:
+      new = jnp.argmax(logits, -1).astype(jnp.int32)
+    else:
+      new = jax.random.categorical(jax.random.fold_in(rng, i),
+                                   filter_logits(logits, temperature, top_k, top_p)
+                                   ).astype(jnp.int32)
+    new = jnp.where(done, eos_id, new)
+    return mutated["cache"], new, done | (new == eos_id), out.at[:, i].set(new)
+
+  init = (init_latent_cache(model, b), jnp.full((b,), bos_id, jnp.int32),
+          jnp.zeros((b,), bool), jnp.full((b, max_len), eos_id, jnp.int32))
+  return jax.lax.fori_loop(0, max_len, body, init)[3]

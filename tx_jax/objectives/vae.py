@@ -43,7 +43,6 @@ unconditional LM of the same size, the baseline of benchmarks/vae_text.py.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 
@@ -54,7 +53,7 @@ import numpy as np
 from tx_jax import parallel
 from tx_jax.data import sentences
 from tx_jax.errors import UserError
-from tx_jax.generate import filter_logits
+from tx_jax.generate import decode_latents
 from tx_jax.models import TransformerConfig, TransformerVAE, VAEConfig, count_params
 from tx_jax.objectives.base import Data, register
 from tx_jax.objectives.text import (TextObjective, pool, token_bytes,
@@ -464,48 +463,3 @@ class MutualInfoEvaluation:
     mu, log_sigma = np.concatenate(mus), np.concatenate(log_sigmas)
     eps = np.random.default_rng(self.config.train.seed).normal(size=mu.shape)
     return {"mutual_info": mutual_info(mu, log_sigma, eps)}
-
-
-# --- decoding from z ------------------------------------------------------------------
-
-
-def init_decoder_cache(model: TransformerVAE, batch_size: int):
-  """Zeroed decoder KV cache of model.cfg.max_len positions (shapes only)."""
-  tokens = jax.ShapeDtypeStruct((batch_size, model.cfg.max_len), jnp.int32)
-  z = jax.ShapeDtypeStruct((batch_size, model.vae.latent_dim), jnp.float32)
-  shapes = jax.eval_shape(lambda t, z: model.init(jax.random.key(0), None, t, z=z, decode=True),
-                          tokens, z)["cache"]
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_len", "bos_id", "eos_id",
-                                             "temperature", "top_k", "top_p"))
-def decode_latents(model: TransformerVAE, params, z, rng, *, max_len: int, bos_id: int,
-                   eos_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
-  """Sentences from latents z (B, L): (B, max_len) token ids, eos_id after the end.
-
-  One token per step from the decoder's KV cache, starting from <s>; temperature
-  0 is greedy, else sampling with tx_jax.generate's temperature / top-k / top-p.
-  """
-  if not 0 < max_len <= model.cfg.max_len:
-    raise ValueError(f"max_len={max_len} must be in 1..{model.cfg.max_len}, the KV cache size")
-  b = z.shape[0]
-
-  def body(i, carry):
-    cache, token, done, out = carry
-    (logits, _), mutated = model.apply(
-        {"params": params, "cache": cache}, None, token[:, None],
-        decoder_positions=jnp.full((b, 1), i, jnp.int32), z=z, decode=True, mutable=["cache"])
-    logits = logits[:, -1]
-    if temperature == 0:
-      new = jnp.argmax(logits, -1).astype(jnp.int32)
-    else:
-      new = jax.random.categorical(jax.random.fold_in(rng, i),
-                                   filter_logits(logits, temperature, top_k, top_p)
-                                   ).astype(jnp.int32)
-    new = jnp.where(done, eos_id, new)
-    return mutated["cache"], new, done | (new == eos_id), out.at[:, i].set(new)
-
-  init = (init_decoder_cache(model, b), jnp.full((b,), bos_id, jnp.int32),
-          jnp.zeros((b,), bool), jnp.full((b, max_len), eos_id, jnp.int32))
-  return jax.lax.fori_loop(0, max_len, body, init)[3]
