@@ -35,6 +35,13 @@ def test_digits_source_and_holdout_split():
   assert len(evals) == round(0.2 * 1797) and len(train) + len(evals) == 1797
   ids = {train[i]["id"] for i in range(len(train))} | {evals[i]["id"] for i in range(len(evals))}
   assert len(ids) == 1797  # disjoint and complete
+  # The split is grain's index shuffle of the source (the remembered indices
+  # included: each is read twice here).
+  from grain import experimental as grain_exp
+  for part, offset in ((evals, 0), (train, len(evals))):
+    for i in (0, 7, len(part) - 1):
+      want = grain_exp.index_shuffle(offset + i, max_index=1796, seed=0, rounds=4)
+      assert part[i]["id"] == part[i]["id"] == f"embedded:digits[{want}]"
 
 
 def test_tfds_image_sets_with_mock_data(monkeypatch, tmp_path):
@@ -184,6 +191,24 @@ def test_train_iterator_epochs_resume_and_shards():
   changed = images.image_train_iterator(src, prep, 4, seed=0)
   with pytest.raises(UserError, match="batch_size: 5 -> 4"):
     changed.set_state(state)
+
+
+def test_train_batches_run_across_epochs_each_a_permutation():
+  # 3 images, batches of 4: batch boundaries and epoch boundaries differ.
+  pixels = np.arange(3, dtype=np.uint8)[:, None, None, None] * np.ones((3, 8, 8, 1), np.uint8)
+  src = images.ArraySource(pixels, np.array([7, 8, 9]), name="three")
+  prep = digits_prep(mean=(0.0,), std=(1.0,))
+  it = images.image_train_iterator(src, prep, 4, seed=2, labels=True)
+  batches = [next(it) for _ in range(6)]   # 24 positions = 8 epochs
+  seen = np.concatenate([np.rint(b["image"][:, 0, 0, 0] * 255) for b in batches]).astype(int)
+  labels = np.concatenate([b["label"] for b in batches])
+  np.testing.assert_array_equal(labels, seen + 7)  # each label rides with its image
+  epochs = seen.reshape(8, 3)
+  assert all(sorted(e) == [0, 1, 2] for e in epochs)
+  assert len({tuple(e) for e in epochs}) > 1    # reshuffled, not one order repeated
+  # The image is normalised as the per-image evaluation view would be.
+  np.testing.assert_allclose(batches[0]["image"][0],
+                             (pixels[seen[0]].astype(np.float32) / 255 - 0.0) / 1.0)
 
 
 def test_augmented_stream_is_deterministic_per_seed():

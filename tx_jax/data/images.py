@@ -13,9 +13,10 @@ dicts of numpy arrays: "image" float32 (B, S, S, C) normalised by the
 configured mean/std, "valid" float32 (B,) (0 on rows that pad the last eval
 batch) and, for evaluation, "label" int32 (B,) (-1 where unknown).
 
-Train iterators are grain `DatasetIterator`s: per-image augmentation draws
-from a generator seeded by (seed, position in the stream), so `get_state()` /
-`set_state()` resume bit-identically.
+Train iterators are grain `DatasetIterator`s over whole batches: a batch is read
+and preprocessed in one call (images that need no resize are normalised as one
+array), per-image augmentation draws from a generator seeded by (seed, position
+in the stream), so `get_state()` / `set_state()` resume bit-identically.
 """
 
 from __future__ import annotations
@@ -220,13 +221,28 @@ class Preprocess:
                       "data.resize=false; set --config.data.resize=true or resize the images")
     return image
 
+  @property
+  def augments(self) -> bool:
+    """Whether a training view is random (a crop or a flip), not the evaluation view."""
+    return self.flip or self.crop_scale != (1.0, 1.0)
+
+  def is_identity_view(self, images) -> bool:
+    """Whether the evaluation view of each (checked) image is the image itself,
+    normalised: all S×S with the whole image kept, so no resize."""
+    return self.eval_crop_fraction == 1.0 and all(
+        im.shape[:2] == (self.image_size, self.image_size) for im in images)
+
+  def normalise(self, images: np.ndarray) -> np.ndarray:
+    """(x - mean) / std of images (any leading axes) in [0, 1] or integer pixels."""
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    return ((_to_unit_float(images) - mean) / std).astype(np.float32)
+
   def _finish(self, image: np.ndarray, box, flip: bool) -> np.ndarray:
     image = _to_unit_float(image) if box is None else _resize(image, box, self.image_size)
     if flip:
       image = image[:, ::-1]
-    mean = np.asarray(self.mean, np.float32)
-    std = np.asarray(self.std, np.float32)
-    return ((image - mean) / std).astype(np.float32)
+    return self.normalise(image)
 
   def _center_box(self, h: int, w: int):
     """The evaluation crop of an h×w image; None when it is the image itself."""
@@ -237,11 +253,17 @@ class Preprocess:
     return (left, top, left + side, top + side)
 
   def eval(self, image: np.ndarray, where: str = "") -> np.ndarray:
-    image = self.check(image, where)
+    return self.eval_checked(self.check(image, where))
+
+  def eval_checked(self, image: np.ndarray) -> np.ndarray:
+    """The evaluation view of an image `check` has passed."""
     return self._finish(image, self._center_box(*image.shape[:2]), False)
 
   def train(self, image: np.ndarray, rng: np.random.Generator, where: str = "") -> np.ndarray:
-    image = self.check(image, where)
+    return self.train_checked(self.check(image, where), rng)
+
+  def train_checked(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The training view of an image `check` has passed."""
     flip = bool(self.flip and rng.random() < 0.5)
     if self.crop_scale == (1.0, 1.0):
       box = self._center_box(*image.shape[:2])
@@ -295,22 +317,77 @@ def _resize(image: np.ndarray, box, size: int) -> np.ndarray:
 # -------------------------------------------------------------------- pipelines
 
 
-class _TrainImage(grain.transforms.RandomMap):
-  def __init__(self, prep: Preprocess):
-    self.prep = prep
+class _BatchReader:
+  """Reads the records at some source indices and preprocesses them into one batch.
 
-  def random_map(self, record, rng: np.random.Generator):
-    return {"image": self.prep.train(record["image"], rng, record.get("id", "")),
-            "valid": np.float32(1.0)}
+  Images that need no augmentation and no resize are normalised together, as one
+  (B, S, S, C) array; the others one by one (in `num_threads` threads when > 0).
+  """
+
+  def __init__(self, source: ImageSource, prep: Preprocess, labels: bool, num_threads: int):
+    self.source, self.prep, self.labels = source, prep, labels
+    self.num_threads, self._pool = num_threads, None
+
+  def _map(self, fn, *args):
+    if self.num_threads <= 0:
+      return list(map(fn, *args))
+    if self._pool is None:
+      import concurrent.futures  # pylint: disable=g-import-not-at-top
+      self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
+    return list(self._pool.map(fn, *args))
+
+  def __call__(self, indices, rngs=None) -> dict[str, np.ndarray]:
+    """indices: source indices; rngs: one generator per image for a training crop/flip
+    (None: the evaluation view)."""
+    records = [self.source[int(i)] for i in indices]
+    raw = [self.prep.check(r["image"], r.get("id", "")) for r in records]
+    if rngs is None and self.prep.is_identity_view(raw):
+      batch = self.prep.normalise(np.stack(raw))
+    elif rngs is None:
+      batch = np.stack(self._map(self.prep.eval_checked, raw))
+    else:
+      batch = np.stack(self._map(self.prep.train_checked, raw, rngs))
+    out = {"image": batch, "valid": np.ones(len(records), np.float32)}
+    if self.labels:
+      out["label"] = np.asarray([r.get("label", -1) for r in records], np.int32)
+    return out
 
 
-class _EvalImage(grain.transforms.Map):
-  def __init__(self, prep: Preprocess):
-    self.prep = prep
+class _TrainBatch(grain.transforms.Map):
+  """Batch number b -> the images at stream positions [b B, (b + 1) B).
 
-  def map(self, record):
-    return {"image": self.prep.eval(record["image"], record.get("id", "")),
-            "valid": np.float32(1.0), "label": np.int32(record.get("label", -1))}
+  Position p is image `perm_e[p mod n]` of this host's n images, e = p div n its
+  epoch and perm_e a permutation drawn from (seed, e): every epoch is freshly
+  shuffled, and batches run on across epoch boundaries. A crop or flip at
+  position p draws from a generator seeded by (seed, p), so the stream is the same
+  whatever the thread count, and resuming at batch b is exact.
+  """
+
+  def __init__(self, reader: _BatchReader, batch_size: int, seed: int, shard_index: int,
+               shard_count: int):
+    self.reader, self.batch_size, self.seed = reader, batch_size, seed
+    self.shard_index, self.shard_count = shard_index, shard_count
+    self.n = len(range(shard_index, len(reader.source), shard_count))
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) > 1:  # a batch spans at most a few epochs; keep the latest
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+    return self._perms[epoch]
+
+  def map(self, element):
+    start = int(element) * self.batch_size
+    positions = np.arange(start, start + self.batch_size)
+    epochs, within = np.divmod(positions, self.n)
+    shuffled = np.empty_like(positions)
+    for e in np.unique(epochs):
+      shuffled[epochs == e] = self._perm(int(e))[within[epochs == e]]
+    rngs = None
+    if self.reader.prep.augments:
+      rngs = [np.random.default_rng((self.seed, int(p))) for p in positions]
+    return self.reader(self.shard_index + shuffled * self.shard_count, rngs)
 
 
 class ImageIterator(SettingsIterator):
@@ -319,12 +396,16 @@ class ImageIterator(SettingsIterator):
 
 def image_train_iterator(source: ImageSource, prep: Preprocess, batch_size: int, seed: int,
                          shard_index: int = 0, shard_count: int = 1,
-                         num_threads: int = 0) -> ImageIterator:
-  """Shuffled, augmented batches {"image" (B, S, S, C), "valid" (B,)}, forever.
+                         num_threads: int = 0, labels: bool = False,
+                         iterator_cls: type[SettingsIterator] = ImageIterator
+                         ) -> SettingsIterator:
+  """Shuffled, augmented batches {"image" (B, S, S, C), "valid" (B,)} (+ "label" (B,)
+  with `labels`), forever.
 
   batch_size is per host; this host reads images shard_index::shard_count.
-  Each epoch is reshuffled from the seed. num_threads > 0 decodes and
-  augments in that many grain threads (same batches, faster).
+  Each epoch is reshuffled from the seed. num_threads > 0 reads and augments a
+  batch's images in that many threads while the next batch is prepared in the
+  background (same batches, faster).
   """
   if batch_size < 1:
     raise UserError(f"batch size per host must be >= 1, got {batch_size}")
@@ -333,36 +414,34 @@ def image_train_iterator(source: ImageSource, prep: Preprocess, batch_size: int,
   if len(source) < shard_count or len(source) == 0:
     raise UserError(f"{source.name} has {len(source)} images, fewer than the {shard_count} "
                     "hosts reading it; use more data")
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  ds = ds.shuffle(seed=seed).repeat(None).random_map(_TrainImage(prep), seed=seed)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=4 * batch_size if num_threads
-                                            else 0))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  reader = _BatchReader(source, prep, labels, num_threads)
+  ds = grain.MapDataset.range(2**62).map(
+      _TrainBatch(reader, batch_size, seed, shard_index, shard_count))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if num_threads else 0,
+                                            prefetch_buffer_size=2 if num_threads else 0))
   config = {"source": source.name, "num_images": len(source), "batch_size": int(batch_size),
             "seed": int(seed), "shard_index": int(shard_index),
-            "shard_count": int(shard_count), "preprocess": repr(prep)}
-  return ImageIterator(iter(ds), config)
+            "shard_count": int(shard_count), "preprocess": repr(prep), "order": "batches"}
+  return iterator_cls(iter(ds), config)
 
 
 def image_eval_batches(source: ImageSource, prep: Preprocess, batch_size: int,
-                       limit: int | None = None, num_threads: int = 0
+                       limit: int | None = None, num_threads: int = 0, labels: bool = True
                        ) -> Iterator[dict[str, np.ndarray]]:
   """The first `limit` (default all) images in order, as full batches of
   {"image", "valid", "label"}; the last batch is padded with valid = 0 rows."""
   n = len(source) if limit is None else min(limit, len(source))
   if n == 0:
     raise UserError(f"eval data {source.name} has no images")
-  ds = grain.MapDataset.source(source)[:n].map(_EvalImage(prep))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=2 * batch_size if num_threads
-                                            else 0))
-  for batch in ds.batch(batch_size, drop_remainder=False):
+  reader = _BatchReader(source, prep, labels, num_threads)
+  for start in range(0, n, batch_size):
+    batch = reader(range(start, min(n, start + batch_size)))
     rows = len(batch["valid"])
     if rows < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
                for k, v in batch.items()}
-      batch["label"][rows:] = -1
+      if labels:
+        batch["label"][rows:] = -1
     yield batch
 
 

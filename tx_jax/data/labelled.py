@@ -22,6 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from tx_jax.data import images
 from tx_jax.data.pipeline import SettingsIterator
 from tx_jax.data.source import Source, holdout_split
 from tx_jax.errors import UserError
@@ -241,17 +242,6 @@ class _Remapped(Source):
 # ------------------------------------------------------------------ images
 
 
-class _TrainLabelledImage(grain.transforms.RandomMap):
-  """Record -> {"image" (S, S, C) augmented, "label" int32, "valid" float32}."""
-
-  def __init__(self, prep):
-    self.prep = prep
-
-  def random_map(self, record, rng: np.random.Generator):
-    return {"image": self.prep.train(record["image"], rng, record.get("id", "")),
-            "label": np.int32(record.get("label", -1)), "valid": np.float32(1.0)}
-
-
 class LabelledImageIterator(SettingsIterator):
   pipeline = "labelled image"
 
@@ -260,18 +250,7 @@ def image_train_iterator(source: Source, prep, batch_size: int, seed: int,
                          shard_index: int = 0, shard_count: int = 1,
                          num_threads: int = 0) -> LabelledImageIterator:
   """Shuffled, augmented {"image" (B, S, S, C), "label" (B,), "valid" (B,)}, forever
-  (as `tx_jax.data.images.image_train_iterator`, with the labels)."""
-  if not 0 <= seed < 2**32:
-    raise UserError(f"train.seed must be in [0, 2**32), got {seed}")
-  if len(source) < max(shard_count, 1):
-    raise UserError(f"{source.name} has {len(source)} images, fewer than the {shard_count} "
-                    "hosts reading it; use more data")
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  ds = ds.shuffle(seed=seed).repeat(None).random_map(_TrainLabelledImage(prep), seed=seed)
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=4 * batch_size if num_threads else 0))
-  ds = ds.batch(batch_size, drop_remainder=True)
-  config = {"source": source.name, "num_images": len(source), "batch_size": int(batch_size),
-            "seed": int(seed), "shard_index": int(shard_index),
-            "shard_count": int(shard_count), "preprocess": repr(prep)}
-  return LabelledImageIterator(iter(ds), config)
+  (`tx_jax.data.images.image_train_iterator` with the labels)."""
+  return images.image_train_iterator(source, prep, batch_size, seed, shard_index,
+                                     shard_count, num_threads, labels=True,
+                                     iterator_cls=LabelledImageIterator)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from tx_jax.errors import UserError
 
 
@@ -38,8 +40,8 @@ class Source:
 
 class SubsetSource(Source):
   """Documents `perm(offset + i)` of `parent`, i < length, for a seeded
-  permutation `perm` of the parent's indices (grain's index_shuffle: O(1)
-  memory, and picklable for grain worker processes)."""
+  permutation `perm` of the parent's indices (grain's index_shuffle: nothing
+  computed up front, and picklable for grain worker processes)."""
 
   def __init__(self, parent: Source, offset: int, length: int, seed: int,
                name: str):
@@ -48,6 +50,7 @@ class SubsetSource(Source):
     self.has_labels = parent.has_labels
     self.label_names = parent.label_names
     self.name = name
+    self._known = None
 
   def __len__(self):
     return self.length
@@ -56,9 +59,17 @@ class SubsetSource(Source):
     from grain import experimental as grain_exp  # pylint: disable=g-import-not-at-top
     if not 0 <= index < self.length:
       raise IndexError(index)
-    return grain_exp.index_shuffle(
-        self.offset + index, max_index=len(self.parent) - 1, seed=self.seed,
-        rounds=4)
+    # Remembered once computed: one index_shuffle call costs tens of microseconds,
+    # more than reading an in-memory record, and training visits every index each
+    # epoch (8 bytes per record, filled as records are first read).
+    if self._known is None:
+      self._known = np.full(self.length, -1, np.int64)
+    known = int(self._known[index])
+    if known < 0:
+      known = grain_exp.index_shuffle(self.offset + index, max_index=len(self.parent) - 1,
+                                      seed=self.seed, rounds=4)
+      self._known[index] = known
+    return known
 
   def __getitem__(self, index):
     return self.parent[self.parent_index(index)]
@@ -72,8 +83,9 @@ def holdout_split(source: Source, eval_fraction: float = 0.05,
                   seed: int = 0) -> tuple[Source, Source]:
   """(train, eval): a deterministic random `eval_fraction` of docs held out.
 
-  Lazy: a seeded permutation of the indices (grain's index_shuffle) keeps
-  this O(1) in memory even for TFDS sets with tens of millions of documents.
+  Lazy: a seeded permutation of the indices (grain's index_shuffle), computed
+  for a document when it is first read and then remembered (8 bytes each), so
+  opening a TFDS set of tens of millions of documents costs nothing up front.
   """
   n = len(source)
   if not 0 < eval_fraction < 1:
