@@ -1,10 +1,10 @@
 """tx_jax GPT train step vs PyTorch references of the same shape, same run.
 
-  python benchmarks/gpt_cpu.py [--rounds 3] [--steps 20]
+  python benchmarks/gpt_cpu.py [--rounds 3] [--steps 20] [--name gpt_bench_cpu]
 
 Alternates the three (JAX, torch eager, torch.compile, JAX, ...) in fresh
 processes so drift in machine speed hits all of them, records the load average
-before and after, then writes benchmarks/results/gpt_bench_cpu.{json,md}.
+before and after, then writes benchmarks/results/NAME.{json,md}.
 Shape: configs/gpt.py:bench (4 layers, d 256, 4 heads, MLP 1024, seq 256,
 batch 8, byte vocab, fp32, learned positions, tied embeddings). MFU is against
 the fp32 matmul peak that each tx_jax run measures (`tx-jax benchmark`).
@@ -27,10 +27,22 @@ def run_json(cmd) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+  """', <model name>' from /proc/cpuinfo where it says, else ''."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+  except OSError:
+    return ""
+  return f", {names[0]}" if names else ""
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--name", default="gpt_bench_cpu",
+                 help="results/NAME.{json,md} (another machine: another name)")
   args = p.parse_args()
   torch_ref = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--steps",
                str(args.steps)]
@@ -47,7 +59,8 @@ def main():
   med = {k: statistics.median(v) for k, v in rates.items()}
   flops = runs["jax"][0]["flops_per_token"]
   peak = statistics.median(r["peak_flops"] for r in runs["jax"])
-  result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+  result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}"
+                       f"{cpu_model()}",
             "load_average_1m": [load0, load1], "tokens_per_s_median": med,
             "tokens_per_s_range": {k: [min(v), max(v)] for k, v in rates.items()},
             "jax_over_torch_eager": med["jax"] / med["torch_eager"],
@@ -59,7 +72,7 @@ def main():
                 r["warmup_s"] for r in runs["torch_compile"]),
             "runs": runs}
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  with open(os.path.join(HERE, "results", "gpt_bench_cpu.json"), "w") as f:
+  with open(os.path.join(HERE, "results", args.name + ".json"), "w") as f:
     json.dump(result, f, indent=2)
   version = runs["torch_eager"][0]["torch_version"]
   labels = {"jax": "tx_jax (jit, fp32)", "torch_eager": f"PyTorch {version} eager",
@@ -77,7 +90,7 @@ def main():
         f"{result['jax_compile_s']:.1f} s; torch.compile's first 3 steps "
         f"{result['torch_compile_warmup_s']:.1f} s. Load average {load0:.1f} before, "
         f"{load1:.1f} after.\n")
-  with open(os.path.join(HERE, "results", "gpt_bench_cpu.md"), "w") as f:
+  with open(os.path.join(HERE, "results", args.name + ".md"), "w") as f:
     f.write(md)
   print(md)
 
