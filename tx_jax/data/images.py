@@ -229,8 +229,7 @@ class Preprocess:
   def is_identity_view(self, images) -> bool:
     """Whether the evaluation view of each (checked) image is the image itself,
     normalised: all S×S with the whole image kept, so no resize."""
-    return self.eval_crop_fraction == 1.0 and all(
-        im.shape[:2] == (self.image_size, self.image_size) for im in images)
+    return all(self._center_box(*im.shape[:2]) is None for im in images)
 
   def normalise(self, images: np.ndarray) -> np.ndarray:
     """(x - mean) / std of images (any leading axes) in [0, 1] or integer pixels."""
@@ -372,7 +371,7 @@ class _TrainBatch(grain.transforms.Map):
 
   def _perm(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:
-      if len(self._perms) > 1:  # a batch spans at most a few epochs; keep the latest
+      if len(self._perms) > 1:  # batches move forward: keep the two latest epochs
         self._perms.pop(min(self._perms))
       self._perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
     return self._perms[epoch]
@@ -426,22 +425,21 @@ def image_train_iterator(source: ImageSource, prep: Preprocess, batch_size: int,
 
 
 def image_eval_batches(source: ImageSource, prep: Preprocess, batch_size: int,
-                       limit: int | None = None, num_threads: int = 0, labels: bool = True
+                       limit: int | None = None, num_threads: int = 0
                        ) -> Iterator[dict[str, np.ndarray]]:
   """The first `limit` (default all) images in order, as full batches of
   {"image", "valid", "label"}; the last batch is padded with valid = 0 rows."""
   n = len(source) if limit is None else min(limit, len(source))
   if n == 0:
     raise UserError(f"eval data {source.name} has no images")
-  reader = _BatchReader(source, prep, labels, num_threads)
+  reader = _BatchReader(source, prep, True, num_threads)
   for start in range(0, n, batch_size):
     batch = reader(range(start, min(n, start + batch_size)))
     rows = len(batch["valid"])
     if rows < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - rows, *v.shape[1:]), v.dtype)])
                for k, v in batch.items()}
-      if labels:
-        batch["label"][rows:] = -1
+      batch["label"][rows:] = -1
     yield batch
 
 
