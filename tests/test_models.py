@@ -67,6 +67,35 @@ def test_attention_matches_numpy(causal, kv_heads, merge_rows, monkeypatch):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_heads_first_attention_matches_numpy_with_bias_and_empty_rows(kv_heads, dtype):
+  # The CPU targets' attention: per-head bias, a scale, grouped kv heads, and one query
+  # row with every key masked (it averages all values, as JAX's attention does).
+  from tx_jax.models.layers import heads_first_attention
+  rng = np.random.default_rng(1)
+  b, t, s, n, h = 2, 5, 7, 4, 8
+  q = rng.normal(size=(b, t, n, h))
+  k, v = rng.normal(size=(2, b, s, kv_heads, h))
+  bias = rng.normal(size=(1, n, t, s))
+  mask = rng.random((b, 1, t, s)) < 0.7
+  mask[0, 0, 2] = False
+  cast = lambda a: jnp.asarray(a, dtype)
+  got = heads_first_attention(cast(q), cast(k), cast(v), jnp.asarray(bias, jnp.float32),
+                              jnp.asarray(mask), scale=0.3)
+  assert got.dtype == jnp.dtype(dtype) and got.shape == (b, t, n, h)
+  f64 = lambda a: np.asarray(cast(a).astype(jnp.float32), np.float64)  # inputs as rounded
+  kr, vr = (np.repeat(f64(a), n // kv_heads, axis=2) for a in (k, v))
+  logits = np.einsum("btnh,bsnh->bnts", f64(q), kr) * 0.3 + bias
+  logits = np.where(mask, logits, -np.inf)
+  logits[0, :, 2] = 0.0  # the empty row: uniform weights
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  want = np.einsum("bnts,bsnh->btnh", w, vr)
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+
+
 def test_rotary_matches_complex_rotation():
   from tx_jax.models import rotary
   rng = np.random.default_rng(0)

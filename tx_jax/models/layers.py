@@ -191,6 +191,32 @@ def merge_rows() -> bool:
   return (device.platform if device is not None else jax.default_backend()) == "cpu"
 
 
+def heads_first_attention(q: Array, k: Array, v: Array, bias: Array | None,
+                          mask: Array | None, scale: float = 0.0) -> Array:
+  """Softmax attention as `jax.nn.dot_product_attention`'s XLA form computes it, with
+  the heads moved ahead of the positions before the two batched matmuls.
+
+  q (B, T, N, H), k and v (B, S, K, H) with N a multiple of K, bias (B or 1, N, T, S),
+  boolean mask (B or 1, 1 or N, T, S) -> (B, T, N, H). Logits and softmax in float32;
+  masked logits get the same large negative value (a fully masked row averages every
+  value). On XLA's CPU backend this form's forward and backward take about half the
+  time of JAX's (whose logits are a five-D grouped contraction there); other backends
+  keep JAX's.
+  """
+  n, kv = q.shape[2], k.shape[2]
+  if kv != n:  # grouped-query: each kv head serves n // kv query heads
+    k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
+  qh, kh, vh = (jnp.swapaxes(z, 1, 2) for z in (q, k, v))                   # (B, N, ., H)
+  logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(scale or 1.0 / np.sqrt(q.shape[-1]))
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, vh), 1, 2)
+
+
 class Projection(nn.Module):
   """x (..., *in_shape) @ kernel (*in_shape, *features) -> (..., *features).
 
@@ -259,10 +285,13 @@ class Attention(nn.Module):
     if self.decode and not is_cross:
       key, value, mask, bias = self._update_cache(key, value, mask, bias)
 
-    out = jax.nn.dot_product_attention(
-        q, key, value, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-        scale=cfg.attention_scale or None,
-        implementation=cfg.attention_impl or None)                           # (B, T, N, H)
+    if merge_rows() and not cfg.attention_impl:  # see heads_first_attention
+      out = heads_first_attention(q, key, value, bias, mask, cfg.attention_scale)
+    else:
+      out = jax.nn.dot_product_attention(
+          q, key, value, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+          scale=cfg.attention_scale or None,
+          implementation=cfg.attention_impl or None)                         # (B, T, N, H)
     out = constrain(out, ("act_batch", "act_len", "act_heads", "act_kv"))
     return Projection(cfg, (cfg.d_model,), ("heads", "kv", "embed"),
                       name="out")(out)
