@@ -1,13 +1,15 @@
 """tx_jax GPT train step vs PyTorch references of the same shape, same run.
 
   python benchmarks/gpt_cpu.py [--rounds 3] [--steps 20] [--name gpt_bench_cpu]
+      [--jax-xla-flags "--xla_cpu_..."]
 
-Alternates the three (JAX, torch eager, torch.compile, JAX, ...) in fresh
+Alternates them (JAX, torch eager, torch.compile, JAX, ...) in fresh
 processes so drift in machine speed hits all of them, records the load average
 before and after, then writes benchmarks/results/NAME.{json,md}.
 Shape: configs/gpt.py:bench (4 layers, d 256, 4 heads, MLP 1024, seq 256,
 batch 8, byte vocab, fp32, learned positions, tied embeddings). MFU is against
 the fp32 matmul peak that each tx_jax run measures (`tx-jax benchmark`).
+`--jax-xla-flags` adds a fourth contender: tx_jax again with those XLA flags.
 """
 
 import argparse
@@ -22,8 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def run_json(cmd) -> dict:
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
+def run_json(cmd, xla_flags=None) -> dict:
+  env = dict(os.environ)
+  if xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -43,17 +48,22 @@ def main():
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--name", default="gpt_bench_cpu",
                  help="results/NAME.{json,md} (another machine: another name)")
+  p.add_argument("--jax-xla-flags", default="",
+                 help="also time tx_jax with these XLA_FLAGS (a fourth contender)")
   args = p.parse_args()
   torch_ref = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--steps",
                str(args.steps)]
   cmds = {"jax": [sys.executable, "-m", "tx_jax", "benchmark", "--config",
                   "configs/gpt.py:bench", "--steps", str(args.steps)],
           "torch_eager": torch_ref, "torch_compile": torch_ref + ["--compile"]}
+  flags = {}
+  if args.jax_xla_flags:
+    cmds["jax_flags"], flags["jax_flags"] = cmds["jax"], args.jax_xla_flags
   runs = {k: [] for k in cmds}
   load0 = os.getloadavg()[0]
   for _ in range(args.rounds):
     for name, cmd in cmds.items():
-      runs[name].append(run_json(cmd))
+      runs[name].append(run_json(cmd, flags.get(name)))
   load1 = os.getloadavg()[0]
   rates = {k: [r["tokens_per_s"] for r in v] for k, v in runs.items()}
   med = {k: statistics.median(v) for k, v in rates.items()}
@@ -70,13 +80,17 @@ def main():
             "jax_compile_s": statistics.median(r["compile_s"] for r in runs["jax"]),
             "torch_compile_warmup_s": statistics.median(
                 r["warmup_s"] for r in runs["torch_compile"]),
-            "runs": runs}
+            "jax_xla_flags": args.jax_xla_flags, "runs": runs}
+  if flags:
+    result["jax_flags_over_torch_eager"] = med["jax_flags"] / med["torch_eager"]
+    result["jax_flags_over_torch_compile"] = med["jax_flags"] / med["torch_compile"]
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
   with open(os.path.join(HERE, "results", args.name + ".json"), "w") as f:
     json.dump(result, f, indent=2)
   version = runs["torch_eager"][0]["torch_version"]
   labels = {"jax": "tx_jax (jit, fp32)", "torch_eager": f"PyTorch {version} eager",
-            "torch_compile": f"PyTorch {version} torch.compile (inductor)"}
+            "torch_compile": f"PyTorch {version} torch.compile (inductor)",
+            "jax_flags": f"tx_jax with XLA_FLAGS=`{args.jax_xla_flags}`"}
   rows = "".join(
       f"| {labels[k]} | {med[k]:.0f} | {min(rates[k]):.0f}-{max(rates[k]):.0f} | "
       f"{result['mfu'][k]:.2f} |\n" for k in cmds)
@@ -84,7 +98,10 @@ def main():
         f"| implementation | tokens/s (median of {args.rounds}) | range | MFU |\n"
         f"|---|---|---|---|\n{rows}\n"
         f"tx_jax / PyTorch eager = {result['jax_over_torch_eager']:.2f}; tx_jax / "
-        f"torch.compile = {result['jax_over_torch_compile']:.2f}. MFU against the fp32 "
+        f"torch.compile = {result['jax_over_torch_compile']:.2f}"
+        + (f"; with the flags {result['jax_flags_over_torch_eager']:.2f} and "
+           f"{result['jax_flags_over_torch_compile']:.2f}" if flags else "")
+        + ". MFU against the fp32 "
         f"matmul peak measured by the tx_jax runs ({peak / 1e9:.0f} GFLOP/s), "
         f"{flops / 1e6:.1f} MFLOP per token (6N + 12 L d T). tx_jax compile "
         f"{result['jax_compile_s']:.1f} s; torch.compile's first 3 steps "

@@ -9,7 +9,8 @@ kind: matmuls (dot fusions), the attention-score elementwise work (softmax,
 masks on B x N x T x S arrays), transposes and copies, reductions, other
 elementwise. Times are summed over the runtime's worker threads and include the
 tracer's own overhead, so they add up to more than a step's wall time; the
-shares are what to read. Writes benchmarks/results/<name>_profile.{json,md}.
+shares are what to read. Writes benchmarks/results/NAME_profile.{json,md}, NAME
+from `--name` or else the config.
 """
 
 import argparse
@@ -75,6 +76,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/gpt.py:bench")
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--name", default="",
+                 help="results/NAME_profile.{json,md}; default from the config")
   args = p.parse_args()
   config, objective, mesh, rules, state, batch, step = synthetic_setup(
       config_lib.load_config_file(args.config))
@@ -110,7 +113,7 @@ def main():
       by_op[e["name"]] += e["dur"] / 1e3 / args.steps
       by_kind[kind(*ops[e["name"]], score_shape)] += e["dur"] / 1e3 / args.steps
   total = sum(by_kind.values())
-  name = args.config.split("/")[-1].replace(".py", "").replace(":", "_")
+  name = args.name or args.config.split("/")[-1].replace(".py", "").replace(":", "_")
   result = {"config": args.config, "machine": f"{platform.machine()} {os.cpu_count()} cores",
             "jax": jax.__version__, **wall, "traced_ms_by_kind": dict(by_kind.most_common()),
             "top_ops_ms": {k: [round(v, 2), *ops[k]] for k, v in by_op.most_common(25)}}
