@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import grain
@@ -348,7 +349,7 @@ class Checkpointer:
         if name == str(step) or name.startswith(f"{step}{ocp.step.TMP_DIR_SUFFIX}"):
           path = os.path.join(self.directory, name)
           if name != str(step) or not self.is_sealed(step):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
     try:
       self.manager.reload()
     except Exception:  # pylint: disable=broad-except
@@ -374,7 +375,17 @@ class Checkpointer:
       return
     for name in os.listdir(self.directory):
       if ocp.step.TMP_DIR_SUFFIX in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        _remove_tree(os.path.join(self.directory, name))
+
+
+def _remove_tree(path: str, tries: int = 5):
+  """rmtree that tries again while a write still in flight (orbax's background save
+  after a failure) puts files back into the tree being removed."""
+  for _ in range(tries):
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.exists(path):
+      return
+    time.sleep(0.2)
 
 
 def abstract_with_shardings(shapes, shardings):
