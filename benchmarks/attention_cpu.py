@@ -25,6 +25,8 @@ from tx_jax.models import layers
 from tx_jax.train import config as config_lib
 from tx_jax.train.benchmark import synthetic_setup
 
+from profile_step import median_ms  # a sibling script: this folder is on sys.path
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -36,16 +38,6 @@ VARIANTS = {"jax.nn.dot_product_attention": jax_attention,
             "heads_first_attention": layers.heads_first_attention}
 
 
-def median_ms(fn, *args, n=30) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) * 1e3
-
-
 def alone(b, t, n, h) -> dict:
   q, k, v = jax.random.normal(jax.random.key(0), (3, b, t, n, h))
   mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -54,8 +46,8 @@ def alone(b, t, n, h) -> dict:
     fwd = jax.jit(lambda q, k, v: attend(q, k, v, None, mask))
     grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v, None, mask) * q).sum(),
                             argnums=(0, 1, 2)))
-    out[name] = {"forward_ms": median_ms(fwd, q, k, v),
-                 "forward_backward_ms": median_ms(grad, q, k, v)}
+    out[name] = {"forward_ms": median_ms(lambda: fwd(q, k, v), n=30),
+                 "forward_backward_ms": median_ms(lambda: grad(q, k, v), n=30)}
   return out
 
 
