@@ -51,19 +51,9 @@ def alone(b, t, n, h) -> dict:
   return out
 
 
-def in_step(spec: str, rounds: int) -> dict:
-  compiled = {}
-  for name, attend in VARIANTS.items():
-    layers.heads_first_attention = attend  # read when the step is traced
-    try:
-      config, _, mesh, _, state, batch, step = synthetic_setup(
-          config_lib.load_config_file(spec), 5 * rounds)
-      with mesh:
-        fn = step.lower(state, batch).compile()
-        state, _ = fn(state, batch)
-      compiled[name] = [fn, state, batch, mesh]
-    finally:
-      layers.heads_first_attention = VARIANTS["heads_first_attention"]
+def alternate(compiled: dict, rounds: int) -> dict:
+  """Times compiled train steps {name: [step, state, batch, mesh]} in alternating blocks
+  of 5 steps, `rounds` blocks each -> {name: step ms median and min}."""
   times = {name: [] for name in compiled}
   for _ in range(rounds):
     for name, entry in compiled.items():
@@ -77,6 +67,27 @@ def in_step(spec: str, rounds: int) -> dict:
       entry[1] = state
   return {name: {"step_ms_median": statistics.median(ts) * 1e3,
                  "step_ms_min": min(ts) * 1e3} for name, ts in times.items()}
+
+
+def compile_step(spec: str, steps: int) -> list:
+  """[compiled step, state after one step, batch, mesh] of the loop's train step."""
+  config, _, mesh, _, state, batch, step = synthetic_setup(
+      config_lib.load_config_file(spec), steps + 1)
+  with mesh:
+    fn = step.lower(state, batch).compile()
+    state, _ = fn(state, batch)
+  return [fn, state, batch, mesh]
+
+
+def in_step(spec: str, rounds: int) -> dict:
+  compiled = {}
+  for name, attend in VARIANTS.items():
+    layers.heads_first_attention = attend  # read when the step is traced
+    try:
+      compiled[name] = compile_step(spec, 5 * rounds)
+    finally:
+      layers.heads_first_attention = VARIANTS["heads_first_attention"]
+  return alternate(compiled, rounds)
 
 
 def main():

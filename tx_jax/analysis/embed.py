@@ -91,7 +91,8 @@ def embed_records(params, source, collate, embed_fn, *, batch_size: int = 64,
   sharding = parallel.batch_sharding(mesh, parallel.RULE_PRESETS["dp"])
   replicated = parallel.replicated(mesh)
   params = jax.device_put(params, replicated)
-  fn = jax.jit(embed_fn, in_shardings=(replicated, sharding), out_shardings=replicated)
+  fn = jax.jit(embed_fn, in_shardings=(replicated, sharding), out_shardings=replicated,
+               compiler_options=parallel.mesh_compiler_options(mesh))
 
   bar = None
   if progress:

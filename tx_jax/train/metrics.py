@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tx_jax import parallel
 from tx_jax.errors import io_operation
 
 
@@ -91,7 +92,7 @@ def measure_peak_flops(dtype: str = "float32", n: int | None = None, repeats: in
   # not constant, data: some matmul units run faster on zeros and ones.
   x = np.random.default_rng(0).standard_normal((n, n), np.float32)
   a = jax.device_put(x.astype(jnp.dtype(dtype)), device)
-  f = jax.jit(lambda x: x @ x)
+  f = jax.jit(lambda x: x @ x, compiler_options=parallel.compiler_options(device.platform))
   f(a).block_until_ready()
   times = []
   for _ in range(repeats):

@@ -122,4 +122,5 @@ def jit_train_step(objective, tx, config, mesh, state_shardings, batch_sharding)
   return jax.jit(
       make_train_step(objective, tx, config.optim.accumulate_steps, halt_after(config.train)),
       in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+      out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0,
+      compiler_options=parallel.mesh_compiler_options(mesh))
