@@ -133,8 +133,8 @@ def batch_sharding(mesh, rules) -> NamedSharding:
 
 # XLA options for what tx_jax compiles to run on CPUs. By default XLA's CPU backend hands
 # dots and reductions to YNNPACK, a path it marks experimental. With YNNPACK's dots off
-# (XLA's own dot kernels instead) the GPT bench train step ran 10-16% faster on 2-core x86
-# machines, in one process alternating with the default; with YNNPACK off entirely,
+# (XLA's own dot kernels instead) the GPT bench train step ran 1.05-1.16x as fast on 2-core
+# x86 machines, in one process alternating with the default; with YNNPACK off entirely,
 # reductions fall back to XLA's tree of reduce-windows (9 ms per MLP bias gradient in the
 # step's profile) and half the gain goes. So YNNPACK keeps the reductions only.
 # `benchmarks/cpu_options.py` measures the three.
