@@ -128,6 +128,10 @@ def test_train_eval_generate_end_to_end(tmp_path):
   assert ev.returncode == 0, ev.stderr[-2000:]
   record = json.loads(ev.stdout.strip().splitlines()[-1])
   assert record["step"] == 6 and record["eval/bits_per_byte"] > 0
+  # The same checkpoint on the same held-out split: the loop's own evaluation at step 6.
+  loop_eval = [l for l in lines if "eval/bits_per_byte" in l and l["step"] == 6][-1]
+  assert record["eval/bits_per_byte"] == pytest.approx(loop_eval["eval/bits_per_byte"],
+                                                       rel=1e-6)
   gen = run_cli(["generate", "--workdir", wd, "--prompt", "The list", "--max-new-tokens", "10"])
   assert gen.returncode == 0, gen.stderr[-2000:]
   assert gen.stdout.startswith("The list")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from tx_jax import parallel
 from tx_jax.errors import UserError
 from tx_jax.train.experiment import build_experiment
-from tx_jax.train.step import make_eval_step
+from tx_jax.train.step import jit_eval_step
 from tx_jax.train.trained import load_trained, single_device_mesh
 
 
@@ -32,9 +32,9 @@ def evaluate_workdir(workdir: str, data: str | None = None) -> dict:
   if data:
     config.data.eval_source = data
   exp = build_experiment(config, workdir, create_tokenizer=False)
-  sharding = parallel.batch_sharding(single_device_mesh(),
-                                     parallel.resolve_rules(config.mesh.rules))
-  metrics = evaluate(jax.jit(make_eval_step(exp.objective)), trained.params,
+  mesh = single_device_mesh()
+  sharding = parallel.batch_sharding(mesh, parallel.resolve_rules(config.mesh.rules))
+  metrics = evaluate(jit_eval_step(exp.objective, mesh), trained.params,
                      exp.eval_batches(), sharding, exp.objective.summarize)
   if exp.extra_eval is not None:  # e.g. frozen-encoder probes
     metrics.update(exp.extra_eval.metrics(trained.params))

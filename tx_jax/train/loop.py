@@ -135,9 +135,8 @@ def train(config, workdir: str) -> dict:
     # --- Steps ------------------------------------------------------------------
     train_step = step_lib.jit_train_step(exp.objective, tx, config, mesh, state_shardings,
                                          batch_sharding)
-    eval_step = jax.jit(step_lib.make_eval_step(exp.objective),
-                        in_shardings=(state_shardings.params, batch_sharding),
-                        compiler_options=parallel.mesh_compiler_options(mesh))
+    eval_step = step_lib.jit_eval_step(exp.objective, mesh, state_shardings.params,
+                                       batch_sharding)
     health = jax.jit(_health, out_shardings=parallel.replicated(mesh))
     flops_per_unit = None
 

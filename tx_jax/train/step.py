@@ -108,6 +108,14 @@ def make_eval_step(objective):
   return eval_step
 
 
+def jit_eval_step(objective, mesh, params_sharding=None, batch_sharding=None):
+  """`make_eval_step` jitted for `mesh`'s devices: the loop's evaluations and
+  `tx-jax eval` run this one, so both compile (and sum) the same way."""
+  shardings = None if params_sharding is None else (params_sharding, batch_sharding)
+  return jax.jit(make_eval_step(objective), in_shardings=shardings,
+                 compiler_options=parallel.mesh_compiler_options(mesh))
+
+
 def halt_after(train_cfg) -> int:
   """Non-finite steps in a row after which the state halts (`train.nonfinite` = "stop": 1)."""
   if train_cfg.get("nonfinite", "skip") == "stop":
