@@ -1,14 +1,15 @@
 """Attention on XLA's CPU backend: `jax.nn.dot_product_attention` against the
-heads-first form tx_jax uses there (`layers.heads_first_attention`), alone and in
-the whole GPT bench train step.
+heads-first form tx_jax uses there (`layers.heads_first_attention`, causal queries in
+blocks) and that form in one block, alone and in the whole GPT bench train step.
 
   python benchmarks/attention_cpu.py [--config configs/gpt.py:bench] [--rounds 6]
+      [--name attention_cpu]
 
 Alone: one causal self-attention of the config's shape (batch, length, heads, head
 dim), forward and forward + backward, medians of 30 calls each. In the step: the
-loop's jitted train step traced twice in one process, once with each attention, then
+loop's jitted train step traced in one process once with each attention, then
 timed in alternating blocks of 5 steps (`--rounds` blocks each), so drift in the
-machine's speed hits both. Writes benchmarks/results/attention_cpu.{json,md}.
+machine's speed hits all. Writes benchmarks/results/NAME.{json,md}.
 """
 
 import argparse
@@ -30,11 +31,18 @@ from profile_step import median_ms  # a sibling script: this folder is on sys.pa
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def jax_attention(q, k, v, bias, mask, scale=0.0):
+def jax_attention(q, k, v, bias, mask, scale=0.0, causal=False):
+  del causal  # the mask holds it
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale or None)
 
 
+def heads_first_one_block(q, k, v, bias, mask, scale=0.0, causal=False):
+  del causal  # every query against every key, as before causal attention went in blocks
+  return VARIANTS["heads_first_attention"](q, k, v, bias, mask, scale)
+
+
 VARIANTS = {"jax.nn.dot_product_attention": jax_attention,
+            "heads_first_attention, one block": heads_first_one_block,
             "heads_first_attention": layers.heads_first_attention}
 
 
@@ -43,9 +51,9 @@ def alone(b, t, n, h) -> dict:
   mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
   out = {}
   for name, attend in VARIANTS.items():
-    fwd = jax.jit(lambda q, k, v: attend(q, k, v, None, mask))
-    grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v, None, mask) * q).sum(),
-                            argnums=(0, 1, 2)))
+    fwd = jax.jit(lambda q, k, v: attend(q, k, v, None, mask, causal=True))
+    loss = lambda q, k, v, attend=attend: (attend(q, k, v, None, mask, causal=True) * q).sum()
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     out[name] = {"forward_ms": median_ms(lambda: fwd(q, k, v), n=30),
                  "forward_backward_ms": median_ms(lambda: grad(q, k, v), n=30)}
   return out
@@ -94,6 +102,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/gpt.py:bench")
   p.add_argument("--rounds", type=int, default=6)
+  p.add_argument("--name", default="attention_cpu",
+                 help="results/NAME.{json,md} (another machine: another name)")
   args = p.parse_args()
   config = config_lib.load_config_file(args.config)
   m = config.model
@@ -105,7 +115,7 @@ def main():
             "in_step": in_step(args.config, args.rounds)}
   result["load_average_1m"] = [load0, os.getloadavg()[0]]
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  with open(os.path.join(HERE, "results", "attention_cpu.json"), "w") as f:
+  with open(os.path.join(HERE, "results", args.name + ".json"), "w") as f:
     json.dump(result, f, indent=2)
   rows = "".join(
       f"| `{name}` | {a['forward_ms']:.1f} | {a['forward_backward_ms']:.1f} | "
@@ -118,7 +128,7 @@ def main():
         f"train step ms, median (min) of {5 * args.rounds} |\n|---|---|---|---|\n{rows}\n"
         f"Alone: causal self-attention of (B, T, N, H) = {tuple(shape)}. Load average "
         f"{load0:.1f} before, {result['load_average_1m'][1]:.1f} after.\n")
-  with open(os.path.join(HERE, "results", "attention_cpu.md"), "w") as f:
+  with open(os.path.join(HERE, "results", args.name + ".md"), "w") as f:
     f.write(md)
   print(md)
 

@@ -96,6 +96,28 @@ def test_heads_first_attention_matches_numpy_with_bias_and_empty_rows(kv_heads, 
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("t,bias_rows", [(8, 8), (8, 1), (6, 6)])  # 6: one block; 1: broadcast
+def test_heads_first_causal_blocks_match_jax_attention_and_its_gradients(t, bias_rows):
+  # Causal self-attention in query blocks (each sees only the keys up to its end) gives
+  # what JAX's own attention gives over the whole causal mask, values and gradients.
+  from tx_jax.models.layers import attention_mask, heads_first_attention
+  rng = np.random.default_rng(2)
+  b, n, h = 2, 4, 8
+  q, k, v = (jnp.asarray(a, jnp.float32) for a in rng.normal(size=(3, b, t, n, h)))
+  bias = jnp.asarray(rng.normal(size=(1, n, bias_rows, t)), jnp.float32)
+  segments = jnp.asarray([[1] * (t - 2) + [2, 2], [1] * t])      # two packed documents
+  mask = attention_mask(segments, segments, causal=True)
+  ours = lambda q, k, v, bias: heads_first_attention(q, k, v, bias, mask, causal=True)
+  ref = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                                           implementation="xla")
+  np.testing.assert_allclose(ours(q, k, v, bias), ref(q, k, v, bias), rtol=1e-5, atol=1e-6)
+  w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  grads = [jax.grad(lambda *a, f=f: (f(*a) * w).sum(), argnums=(0, 1, 2, 3))(q, k, v, bias)
+           for f in (ours, ref)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_rotary_matches_complex_rotation():
   from tx_jax.models import rotary
   rng = np.random.default_rng(0)

@@ -191,8 +191,12 @@ def merge_rows() -> bool:
   return (device.platform if device is not None else jax.default_backend()) == "cpu"
 
 
+# Query blocks of causal self-attention on CPU targets (see heads_first_attention).
+CAUSAL_BLOCKS = 4
+
+
 def heads_first_attention(q: Array, k: Array, v: Array, bias: Array | None,
-                          mask: Array | None, scale: float = 0.0) -> Array:
+                          mask: Array | None, scale: float = 0.0, causal: bool = False) -> Array:
   """Softmax attention as `jax.nn.dot_product_attention`'s XLA form computes it, with
   the heads moved ahead of the positions before the two batched matmuls.
 
@@ -202,19 +206,45 @@ def heads_first_attention(q: Array, k: Array, v: Array, bias: Array | None,
   value). On XLA's CPU backend this form's forward and backward take about half the
   time of JAX's (whose logits are a five-D grouped contraction there); other backends
   keep JAX's.
+
+  `causal` (the mask already holds causality; T == S, no cache): the queries go in
+  `CAUSAL_BLOCKS` blocks, each against the keys up to its own end only, which skips
+  3/8 of the logits (all masked) with 4 blocks; the GPT bench train step on a 2-core
+  CPU is 2-3% faster. Only a row with every key masked would differ (it would average
+  the values up to its block's end); the masks `attention_mask` builds leave none.
   """
   n, kv = q.shape[2], k.shape[2]
   if kv != n:  # grouped-query: each kv head serves n // kv query heads
     k, v = jnp.repeat(k, n // kv, axis=2), jnp.repeat(v, n // kv, axis=2)
   qh, kh, vh = (jnp.swapaxes(z, 1, 2) for z in (q, k, v))                   # (B, N, ., H)
-  logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(scale or 1.0 / np.sqrt(q.shape[-1]))
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs, vh), 1, 2)
+  scale = jnp.float32(scale or 1.0 / np.sqrt(q.shape[-1]))
+
+  def attend(qh, kh, vh, bias, mask):
+    logits = jnp.einsum("bnth,bnsh->bnts", qh, kh, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bnsh->bnth", probs, vh)
+
+  t = q.shape[1]
+  nb = CAUSAL_BLOCKS if causal and t == k.shape[1] and t % CAUSAL_BLOCKS == 0 else 1
+  if nb == 1:
+    return jnp.swapaxes(attend(qh, kh, vh, bias, mask), 1, 2)
+  c = t // nb
+
+  def cut(a, i):  # a mask or bias block; a broadcast (size-1) axis stays whole
+    if a is None:
+      return None
+    rows = slice(i * c, (i + 1) * c) if a.shape[-2] != 1 else slice(None)
+    cols = slice(0, (i + 1) * c) if a.shape[-1] != 1 else slice(None)
+    return a[..., rows, cols]
+
+  outs = [attend(qh[:, :, i * c:(i + 1) * c], kh[:, :, :(i + 1) * c], vh[:, :, :(i + 1) * c],
+                 cut(bias, i), cut(mask, i)) for i in range(nb)]
+  return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
 class Projection(nn.Module):
@@ -286,7 +316,8 @@ class Attention(nn.Module):
       key, value, mask, bias = self._update_cache(key, value, mask, bias)
 
     if merge_rows() and not cfg.attention_impl:  # see heads_first_attention
-      out = heads_first_attention(q, key, value, bias, mask, cfg.attention_scale)
+      out = heads_first_attention(q, key, value, bias, mask, cfg.attention_scale,
+                                  causal=self.causal and not self.decode)
     else:
       out = jax.nn.dot_product_attention(
           q, key, value, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
