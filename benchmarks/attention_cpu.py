@@ -38,7 +38,7 @@ def jax_attention(q, k, v, bias, mask, scale=0.0, causal=False):
 
 def heads_first_one_block(q, k, v, bias, mask, scale=0.0, causal=False):
   del causal  # every query against every key, as before causal attention went in blocks
-  return VARIANTS["heads_first_attention"](q, k, v, bias, mask, scale)
+  return layers.heads_first_attention(q, k, v, bias, mask, scale)
 
 
 VARIANTS = {"jax.nn.dot_product_attention": jax_attention,
