@@ -19,6 +19,8 @@ from tx_jax.data import tfds as tfds_lib
 from tx_jax.errors import UserError
 from tx_jax.objectives import text as text_obj
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPICS = {
     "space": "rocket orbit launch satellite astronaut moon crew",
@@ -54,7 +56,7 @@ def _write_csv(path, rows, fields=("text", "label")):
 
 
 def run_cli(args, timeout=600):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True,
                         text=True, timeout=timeout, cwd=ROOT, env=env)
 

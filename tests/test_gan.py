@@ -14,6 +14,8 @@ from tx_jax.evaluation import sample_quality as sq
 from tx_jax.models.gan import Discriminator, Generator, gan_configs
 from tx_jax.objectives import gan as gan_lib
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(image_size=8, patch_size=2, channels=1, latent_dim=8, num_layers=1, d_model=16,
              num_heads=2, mlp_dim=32)
@@ -346,8 +348,7 @@ TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=16",
 def cli_env(devices=1, cache=None):
   """The environment of a CLI run on `devices` CPU devices; with `cache`, compiled
   programs persist in that folder."""
-  flags = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
   if cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

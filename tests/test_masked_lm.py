@@ -20,6 +20,8 @@ from tx_jax.errors import UserError
 from tx_jax.models import ENCODER_SIZES, Encoder, count_params, make_config, param_shapes
 from tx_jax.objectives.masked_lm import MaskedLM
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = tokenizers.ByteTokenizer(mlm.MLM_SPECIALS)     # <pad> 256 <mask> 257 <cls> 258 <sep> 259
 MASK, CLS, SEP = 257, 258, 259
@@ -317,7 +319,7 @@ def test_configs_read_file_and_tfds_sources(config_file, tmp_path, monkeypatch):
 
 
 def run_cli(args, timeout=600):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
                         timeout=timeout, cwd=ROOT, env=env)
 

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.num_layers=1", "--config.model.d_model=32",
         "--config.model.num_heads=2", "--config.model.mlp_dim=64",
@@ -29,7 +31,7 @@ def free_port() -> int:
 def launch(args, devices, log):
   """`python -m tx_jax ARGS` on `devices` CPU devices; output to files (no pipe stalls)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla_flags(devices)}
   out, err = open(f"{log}.out", "w"), open(f"{log}.err", "w")
   return subprocess.Popen([sys.executable, "-m", "tx_jax", *args], cwd=ROOT, env=env,
                           stdout=out, stderr=err)
@@ -125,7 +127,7 @@ def test_two_processes_train_like_one_process_with_8_devices(runs):
 
 def eval_cli(workdir):
   """`tx-jax eval` in a fresh single-device process: restores the checkpoint onto 1 device."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   out = subprocess.run([sys.executable, "-m", "tx_jax", "eval", "--workdir", str(workdir)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
   assert out.returncode == 0, out.stderr[-2000:]

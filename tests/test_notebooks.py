@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from xla_flags import xla_flags
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
@@ -40,7 +42,7 @@ def execute(name, tmp_path, monkeypatch):
   """Runs notebooks/NAME in test size; returns (notebook with outputs, summary dict)."""
   # The kernel sees this checkout, one CPU device (notebook 04 asks for its own
   # 8 fake devices before importing JAX), and the tiny settings.
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.setenv("TX_JAX_NOTEBOOK_SIZE", "test")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")

@@ -27,6 +27,8 @@ from tx_jax.objectives.span_corruption import SpanCorruption
 from tx_jax.train import optim, step as step_lib
 from tx_jax.train.state import init_state, state_shapes
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 B, T, V = 8, 16, 64
@@ -300,7 +302,7 @@ def test_fsdp_tp_and_dp_bytes_per_device_follow_the_rules():
 
 def run_cli(args, devices=1, timeout=300):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla_flags(devices)}
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
                         timeout=timeout, cwd=ROOT, env=env)
 

@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- tested -->"
 SHORTEN = {"train": ["--config.train.steps=2"], "topics": ["--steps", "2"],
@@ -92,7 +94,7 @@ def scratch(tmp_path):
 
 
 def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
+  env = dict(os.environ, XLA_FLAGS=xla_flags())   # one CPU device
   env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3")
   return env

@@ -33,6 +33,7 @@ from tx_jax.train.trained import load_trained
 from tx_jax.train.state import TrainState
 
 from test_checkpoints import flip_byte, largest_file
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
@@ -48,7 +49,7 @@ CHAIN = ["train", "--config", "configs/gpt.py", *TINY, f"--config.train.steps={S
 # --- Helpers ----------------------------------------------------------------------------
 
 def cli_env(cache_dir):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(),
           "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -414,7 +415,7 @@ def test_processes_agree_on_the_stop_step(tmp_path):
   script = tmp_path / "agree.py"
   script.write_text(AGREE_SCRIPT.format(root=ROOT, port=port))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": xla_flags(2)}
   procs = [subprocess.Popen([sys.executable, str(script), str(i)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]
   outs = [p.communicate(timeout=120) for p in procs]

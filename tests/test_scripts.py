@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,7 +25,7 @@ def test_script_runs_its_command(tmp_path, command, args, message):
     args[1] = os.path.join(ROOT, args[1])
   out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{command}.py"), *args],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()})
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
   assert lines[0].startswith("tx-jax: error:") and message in lines[0], lines

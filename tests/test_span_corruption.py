@@ -21,6 +21,8 @@ from tx_jax.data.masking import (corrupt_spans, noise_counts, random_spans_noise
 from tx_jax.errors import UserError
 from tx_jax.objectives.span_corruption import exact_matches
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = tokenizers.ByteTokenizer(span_data.t5_specials(20))  # <pad> 256, </s> 257, sentinels 258..
 PAD, EOS = 256, 257
@@ -236,7 +238,7 @@ def test_pair_files_and_bad_input(tmp_path):
 
 
 def run_cli(args, timeout=600):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
                         timeout=timeout, cwd=ROOT, env=env)
 

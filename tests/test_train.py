@@ -20,6 +20,8 @@ from tx_jax.objectives.causal_lm import CausalLM
 from tx_jax.train import optim, step as step_lib
 from tx_jax.train.state import init_state
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=32",
               "--config.data.tokenizer=byte", "--config.model.vocab_size=256",
@@ -105,7 +107,7 @@ def test_nonfinite_gradients_leave_state_unchanged():
 # --- End to end through the CLI (subprocesses) --------------------------------------
 
 def run_cli(args, timeout=600, **kw):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True,
                         text=True, timeout=timeout, cwd=ROOT, env=env, **kw)
 

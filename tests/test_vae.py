@@ -21,6 +21,8 @@ import pytest
 from tx_jax.models import TransformerConfig, TransformerVAE, VAEConfig
 from tx_jax.objectives import vae as vae_lib
 
+from xla_flags import xla_flags
+
 TINY = TransformerConfig(vocab_size=64, num_layers=1, num_encoder_layers=1, d_model=32,
                          num_heads=4, mlp_dim=64, max_len=16, positions="rope")
 
@@ -329,7 +331,7 @@ CHAIN = ["train", "--config", "configs/vae.py", *CLI_TINY, f"--config.train.step
 
 
 def cli_env(cache):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(),
           "JAX_COMPILATION_CACHE_DIR": str(cache),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -18,6 +18,8 @@ from tx_jax.models.vit import (MAE, VIT_SIZES, ViT, make_vit_config, num_kept, p
                                random_masking, sincos_2d, unpatchify, vit_configs)
 from tx_jax.objectives.mae import MAEObjective, masked_patch_loss
 
+from xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(image_size=8, patch_size=2, channels=1, num_layers=1, d_model=32, num_heads=2,
              mlp_dim=64, decoder_num_layers=1, decoder_d_model=16, decoder_num_heads=2,
@@ -34,7 +36,7 @@ TINY_FLAGS = ["--config.model.num_layers=1", "--config.model.d_model=32",
 
 
 def run_cli(args, timeout=600, env_extra=None):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env_extra or {})}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(), **(env_extra or {})}
   return subprocess.run([sys.executable, "-m", "tx_jax", *args], capture_output=True, text=True,
                         timeout=timeout, cwd=ROOT, env=env)
 
@@ -317,7 +319,7 @@ def test_train_resume_and_eval_on_a_sharded_mesh(tmp_path, capsys):
   """6 steps on 8 fake devices (data 2 × fsdp 4); resuming from step 3 ends
   bit-identical to the straight run; metrics and reconstructions are written."""
   wd = tmp_path / "run"
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {"XLA_FLAGS": xla_flags(8)}
   common = ["train", "--config", "configs/mae.py", "--workdir", str(wd), *TINY_FLAGS,
             "--config.train.steps=6", "--config.train.checkpoint_every=3",
             "--config.train.eval_every=6", "--config.train.async_checkpoints=false",
