@@ -9,6 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import gc  # pylint: disable=g-import-not-at-top
+import signal  # pylint: disable=g-import-not-at-top
+
+# A test runner may start with SIGCHLD ignored. Children are then reaped by the kernel,
+# every wait on one reports exit status 0, and the exit-status checks could not fail;
+# the default disposition is restored here, for this process and every process it starts.
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 import pytest  # pylint: disable=g-import-not-at-top
 
