@@ -118,6 +118,65 @@ def test_heads_first_causal_blocks_match_jax_attention_and_its_gradients(t, bias
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def np_mlp_and_grads(x, p, dy, activation, gated):
+  """The MLP's output and its backward pass written out by hand, in float64 numpy."""
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+  pre = x @ p["wi"]["kernel"] + p["wi"]["bias"]
+  if activation == "gelu":  # tanh approximation and its derivative
+    c = np.sqrt(2 / np.pi)
+    th = np.tanh(c * (pre + 0.044715 * pre ** 3))
+    act = 0.5 * pre * (1 + th)
+    dact = 0.5 * (1 + th) + 0.5 * pre * (1 - th ** 2) * c * (1 + 3 * 0.044715 * pre ** 2)
+  elif activation == "silu":
+    sig = 1 / (1 + np.exp(-pre))
+    act, dact = pre * sig, sig * (1 + pre * (1 - sig))
+  else:  # relu
+    act, dact = np.maximum(pre, 0), (pre > 0).astype(np.float64)
+  h, gate = act, None
+  if gated:
+    gate = x @ p["wi_gate"]["kernel"] + p["wi_gate"]["bias"]
+    h = act * gate
+  y = h @ p["wo"]["kernel"] + p["wo"]["bias"]
+  dh = dy @ p["wo"]["kernel"].T
+  dpre = dh * (gate if gated else 1) * dact
+  grads = {"wo": {"kernel": h.T @ dy, "bias": dy.sum(0)},
+           "wi": {"kernel": x.T @ dpre, "bias": dpre.sum(0)}}
+  dx = dpre @ p["wi"]["kernel"].T
+  if gated:
+    dgate = dh * act
+    grads["wi_gate"] = {"kernel": x.T @ dgate, "bias": dgate.sum(0)}
+    dx = dx + dgate @ p["wi_gate"]["kernel"].T
+  return y, grads, dx
+
+
+@pytest.mark.parametrize("merge_rows", [True, False], ids=["cpu_lowering", "einsum_form"])
+@pytest.mark.parametrize("activation,gated", [("gelu", False), ("silu", True), ("relu", False)])
+def test_mlp_values_and_gradients_match_numpy(activation, gated, merge_rows, monkeypatch):
+  # CPU targets recompute the activation in the backward pass; the other lowering keeps it.
+  from tx_jax.models import layers
+  monkeypatch.setattr(layers, "merge_rows", lambda: merge_rows)
+  cfg = dataclasses.replace(SMALL, activation=activation, gated_mlp=gated)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+  dy = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+  mlp = layers.Mlp(cfg)
+  params = nn.unbox(mlp.init(jax.random.key(0), x)["params"])
+  params = jax.tree_util.tree_map(  # weights large enough to reach GELU's curved part
+      lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.3, jnp.float32), params)
+  y, pullback = jax.vjp(lambda p, x: mlp.apply({"params": p}, x), params, x)
+  grads, dx = pullback(dy)
+  want_y, want_grads, want_dx = np_mlp_and_grads(x.reshape(10, 32), params,
+                                                 dy.reshape(10, 32), activation, gated)
+  np.testing.assert_allclose(np.asarray(y).reshape(10, 32), want_y, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx).reshape(10, 32), want_dx, rtol=1e-4, atol=1e-5)
+  assert set(grads) == set(want_grads)
+  for name in want_grads:
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_allclose(grads[name][leaf], want_grads[name][leaf], rtol=1e-4,
+                                 atol=1e-4, err_msg=f"{name}/{leaf}")
+
+
 def test_rotary_matches_complex_rotation():
   from tx_jax.models import rotary
   rng = np.random.default_rng(0)

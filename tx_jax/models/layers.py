@@ -349,7 +349,13 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Position-wise feed-forward: D -> F -> D, optionally gated."""
+  """Position-wise feed-forward: D -> F -> D, optionally gated.
+
+  On XLA's CPU targets (`merge_rows()`) the activation is recomputed in the backward
+  pass from its input instead of kept: the tanh GELU's autodiff otherwise writes and
+  keeps a second (B, T, F) array (the tanh) beside the pre-activation. The gradients
+  are the same; the GPT bench train step on a 2-core CPU is 2-5% faster.
+  """
   cfg: TransformerConfig
 
   @nn.compact
@@ -357,6 +363,8 @@ class Mlp(nn.Module):
     """(B, T, D) -> (B, T, D)."""
     cfg = self.cfg
     act = ACTIVATIONS[cfg.activation]
+    if merge_rows():
+      act = jax.checkpoint(act)
     dense = lambda feats, names, name: Projection(cfg, (feats,), names,
                                                   name=name)
     h = act(dense(cfg.mlp_dim, ("embed", "mlp"), "wi")(x))                  # (B, T, F)
