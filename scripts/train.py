@@ -9,4 +9,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tx_jax import cli  # noqa: E402
 
 if __name__ == "__main__":
-  sys.exit(cli.main(["train", *sys.argv[1:]]))
+  sys.exit(cli.run(["train", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
 import sys
 
-from tx_jax.cli import main
+from tx_jax.cli import run
 
-sys.exit(main())
+sys.exit(run())
