@@ -1,7 +1,7 @@
 """tx_jax GPT train step vs PyTorch references of the same shape, same run.
 
   python benchmarks/gpt_cpu.py [--rounds 3] [--steps 20] [--name gpt_bench_cpu]
-      [--jax-xla-flags "--xla_cpu_..."]
+      [--jax-xla-flags "--xla_cpu_..."] [--malloc]
 
 Alternates them (JAX, torch eager, torch.compile, JAX, ...) in fresh
 processes so drift in machine speed hits all of them, records the load average
@@ -10,6 +10,8 @@ Shape: configs/gpt.py:bench (4 layers, d 256, 4 heads, MLP 1024, seq 256,
 batch 8, byte vocab, fp32, learned positions, tied embeddings). MFU is against
 the fp32 matmul peak that each tx_jax run measures (`tx-jax benchmark`).
 `--jax-xla-flags` adds a fourth contender: tx_jax again with those XLA flags.
+`--malloc` adds three: tx_jax with glibc's default malloc, and PyTorch eager and
+compiled with the malloc settings `tx-jax` makes on CPUs (see cli.run).
 """
 
 import argparse
@@ -24,8 +26,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def run_json(cmd, xla_flags=None) -> dict:
+# glibc's malloc as `tx-jax` sets it up when JAX runs on the CPU (cli.run), and glibc's
+# defaults (a GLIBC_TUNABLES naming glibc.malloc makes `tx-jax` leave malloc alone).
+SAME_MALLOC = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+               "glibc.malloc.trim_threshold=4611686018427387904")
+DEFAULT_MALLOC = "glibc.malloc.arena_max=0"
+
+
+def run_json(cmd, xla_flags=None, tunables=None) -> dict:
   env = dict(os.environ)
+  if tunables:
+    env["GLIBC_TUNABLES"] = tunables
   if xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env=env)
@@ -50,20 +61,28 @@ def main():
                  help="results/NAME.{json,md} (another machine: another name)")
   p.add_argument("--jax-xla-flags", default="",
                  help="also time tx_jax with these XLA_FLAGS (a fourth contender)")
+  p.add_argument("--malloc", action="store_true",
+                 help="also time tx_jax with glibc's default malloc, and PyTorch with the "
+                      "malloc settings tx-jax uses on CPUs")
   args = p.parse_args()
   torch_ref = [sys.executable, os.path.join(HERE, "torch_reference.py"), "--steps",
                str(args.steps)]
   cmds = {"jax": [sys.executable, "-m", "tx_jax", "benchmark", "--config",
                   "configs/gpt.py:bench", "--steps", str(args.steps)],
           "torch_eager": torch_ref, "torch_compile": torch_ref + ["--compile"]}
-  flags = {}
+  flags, tunables = {}, {}
   if args.jax_xla_flags:
     cmds["jax_flags"], flags["jax_flags"] = cmds["jax"], args.jax_xla_flags
+  if args.malloc:
+    for name, base, setting in (("jax_default_malloc", "jax", DEFAULT_MALLOC),
+                                ("torch_eager_same_malloc", "torch_eager", SAME_MALLOC),
+                                ("torch_compile_same_malloc", "torch_compile", SAME_MALLOC)):
+      cmds[name], tunables[name] = cmds[base], setting
   runs = {k: [] for k in cmds}
   load0 = os.getloadavg()[0]
   for _ in range(args.rounds):
     for name, cmd in cmds.items():
-      runs[name].append(run_json(cmd, flags.get(name)))
+      runs[name].append(run_json(cmd, flags.get(name), tunables.get(name)))
   load1 = os.getloadavg()[0]
   rates = {k: [r["tokens_per_s"] for r in v] for k, v in runs.items()}
   med = {k: statistics.median(v) for k, v in rates.items()}
@@ -80,10 +99,14 @@ def main():
             "jax_compile_s": statistics.median(r["compile_s"] for r in runs["jax"]),
             "torch_compile_warmup_s": statistics.median(
                 r["warmup_s"] for r in runs["torch_compile"]),
-            "jax_xla_flags": args.jax_xla_flags, "runs": runs}
+            "jax_xla_flags": args.jax_xla_flags, "glibc_tunables": tunables, "runs": runs}
   # What the targets ask of the whole step, in MFU of the same run's peak.
   result["mfu_needed"] = {"1.2x torch eager": 1.2 * result["mfu"]["torch_eager"],
                           "1.0x torch.compile": result["mfu"]["torch_compile"]}
+  if tunables:
+    result["jax_over_torch_eager_same_malloc"] = med["jax"] / med["torch_eager_same_malloc"]
+    result["jax_over_torch_compile_same_malloc"] = (med["jax"]
+                                                    / med["torch_compile_same_malloc"])
   if flags:
     result["jax_flags_over_torch_eager"] = med["jax_flags"] / med["torch_eager"]
     result["jax_flags_over_torch_compile"] = med["jax_flags"] / med["torch_compile"]
@@ -93,7 +116,11 @@ def main():
   version = runs["torch_eager"][0]["torch_version"]
   labels = {"jax": "tx_jax (jit, fp32)", "torch_eager": f"PyTorch {version} eager",
             "torch_compile": f"PyTorch {version} torch.compile (inductor)",
-            "jax_flags": f"tx_jax with XLA_FLAGS=`{args.jax_xla_flags}`"}
+            "jax_flags": f"tx_jax with XLA_FLAGS=`{args.jax_xla_flags}`",
+            "jax_default_malloc": "tx_jax with glibc's default malloc",
+            "torch_eager_same_malloc": f"PyTorch {version} eager, tx-jax's malloc settings",
+            "torch_compile_same_malloc": f"PyTorch {version} torch.compile, tx-jax's malloc "
+                                         "settings"}
   rows = "".join(
       f"| {labels[k]} | {med[k]:.0f} | {min(rates[k]):.0f}-{max(rates[k]):.0f} | "
       f"{result['mfu'][k]:.2f} |\n" for k in cmds)
@@ -104,6 +131,10 @@ def main():
         f"torch.compile = {result['jax_over_torch_compile']:.2f}"
         + (f"; with the flags {result['jax_flags_over_torch_eager']:.2f} and "
            f"{result['jax_flags_over_torch_compile']:.2f}" if flags else "")
+        + (f"; against PyTorch with tx-jax's malloc settings "
+           f"(`GLIBC_TUNABLES={SAME_MALLOC}`) "
+           f"{result['jax_over_torch_eager_same_malloc']:.2f} and "
+           f"{result['jax_over_torch_compile_same_malloc']:.2f}" if tunables else "")
         + ". MFU against the fp32 "
         f"matmul peak measured by the tx_jax runs ({peak / 1e9:.0f} GFLOP/s), "
         f"{flops / 1e6:.1f} MFLOP per token (6N + 12 L d T); 1.2x PyTorch eager would "
