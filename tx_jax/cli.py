@@ -350,15 +350,16 @@ def _reuse_freed_memory_when_jax_runs_on_cpu():
   XLA's CPU runtime allocates each execution's temporary buffer (286 MB for the GPT
   bench train step) from the worker thread that runs it and frees it afterwards. By
   default glibc serves a block that large from a fresh mmap and unmaps it on free, so
-  every step faults all of it in again (about 70,000 page faults, each page zeroed by
-  the kernel): the GPT bench step ran 1.1-1.2x faster with the block kept. Takes effect
-  only before JAX starts its threads, hence here; a GLIBC_TUNABLES that sets
-  glibc.malloc options wins.
+  every step faults all of it in again (70,000-85,000 page faults a step, each page
+  zeroed by the kernel). With the block kept, the GPT bench step ran a median 1.045x
+  faster in alternating fresh processes (1.3x in one process, benchmarks/README.md).
+  Takes effect only before JAX starts its threads, hence here; a GLIBC_TUNABLES that
+  sets glibc.malloc options wins.
   """
   import ctypes
   import platform
   platforms = os.environ.get("JAX_PLATFORMS", "")
-  if platforms and platforms != "cpu" or not platforms and _accelerator_visible():
+  if (platforms and platforms != "cpu") or (not platforms and _accelerator_visible()):
     return
   if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or platform.libc_ver()[0] != "glibc":
     return
