@@ -371,9 +371,8 @@ def _reuse_freed_memory_when_jax_runs_on_cpu():
 
 
 def run(argv=None) -> int:
-  """The `tx-jax` program (console script, `python -m tx_jax`, scripts/): sets up the
-  process before JAX starts, then runs `main`."""
-  _cpu_when_libtpu_has_no_tpu()
+  """The `tx-jax` program (console script, `python -m tx_jax`, scripts/): sets up malloc
+  before JAX starts, then runs `main` (which picks JAX's platform)."""
   _reuse_freed_memory_when_jax_runs_on_cpu()
   return main(argv)
 
